@@ -98,10 +98,6 @@ class PoseEstimate:
 # --------------------------------------------------------------------------------------------
 
 
-def _shape_str(a: Any) -> str:
-    return str(getattr(a, "shape", type(a).__name__))
-
-
 def as_intrinsics(K: Any) -> np.ndarray:
     """Return ``K`` as a validated float64 3x3 pinhole matrix.
 
