@@ -14,10 +14,12 @@ and quotes the text; a parser never returns a guess.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import re
+import string
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -176,6 +178,20 @@ class TaskSpec:
             raise ProtocolError(f"task {self.name!r} has no answer template {qid!r}") from None
         return template.format(**fields)
 
+    def parse_question(self, text: str) -> tuple[str, dict[str, float]]:
+        """The question id and field values of a question text rendered from this spec.
+
+        A suffix in ``options["think_suffix"]`` after the question is accepted.
+        """
+        suffix = self.option("think_suffix")
+        candidates = [text, text[: -len(suffix)]] if suffix and text.endswith(suffix) else [text]
+        for qid, template in self.questions.items():
+            for candidate in candidates:
+                match = _template_regex(template).fullmatch(candidate)
+                if match:
+                    return qid, {k: float(v) for k, v in match.groupdict().items()}
+        raise ProtocolError(f"not a {self.name} question of this protocol: {text[:200]!r}")
+
     def option(self, key: str, default: Any = None) -> Any:
         return self.options.get(key, default)
 
@@ -210,6 +226,16 @@ class TaskSpec:
             )
         except KeyError as exc:
             raise ProtocolError(f"task spec is missing field {exc.args[0]!r}") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _template_regex(template: str) -> re.Pattern[str]:
+    parts = []
+    for literal, name, _spec, _conv in string.Formatter().parse(template):
+        parts.append(re.escape(literal))
+        if name:
+            parts.append(rf"(?P<{name}>[-+]?\d+(?:\.\d+)?)")
+    return re.compile("".join(parts), re.DOTALL)
 
 
 DEPTH_QUESTION = (

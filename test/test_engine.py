@@ -1,0 +1,219 @@
+"""The transformers backend on a tiny random Qwen3-VL: loading, encoding, and shared-prefix decoding
+that reproduces the reference (one ``generate`` per question) token for token."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from vlm3_ros import protocol  # noqa: E402
+from vlm3_ros.engine import EngineError, Request, load_backend  # noqa: E402
+from vlm3_ros.engine.checkpoint import load_checkpoint  # noqa: E402
+from vlm3_ros.engine.transformers_backend import TransformersBackend, truncate_at_stop  # noqa: E402
+
+
+def _image(seed: int, width: int = 160, height: int = 120) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([xx * 255 / width, yy * 255 / height, (xx + yy) % 64 * 4], axis=-1)
+    return np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+
+
+QUESTIONS = [
+    protocol.depth_question(100, 200),
+    protocol.depth_question(1999, 3),
+    protocol.depth_question(7, 1234),
+    "How far?",  # much shorter than the others
+    protocol.depth_question(640, 480) + " Answer quickly, please, in metres.",  # longer
+    protocol.correspondence_question(12, 34),
+]
+
+
+def _assert_same_tokens(engine, reference, stop_strings=()):
+    """Engine tokens == reference tokens, the reference cut where the engine stopped on a stop string."""
+    for i, (got, ref, reason) in enumerate(zip(engine.token_ids, reference.token_ids, engine.finish_reasons)):
+        if reason == "stop":
+            assert got == ref[: len(got)], f"question {i}: engine diverged from the reference"
+        else:
+            assert got == ref, f"question {i}: engine {got} != reference {ref}"
+
+
+def test_checkpoint_loads_through_the_user_path(tiny_checkpoint):
+    loaded = load_checkpoint(tiny_checkpoint, device="cpu")
+    assert loaded.model_type == "qwen3_vl"
+    assert loaded.protocol_file and set(loaded.specs) == set(protocol.TASKS)
+    assert loaded.model.dtype == torch.float32
+    assert type(loaded.processor).__name__ == "ImageOnlyQwen3VLProcessor"
+    config = json.loads((tiny_checkpoint / "processor_config.json").read_text())
+    assert config["processor_class"] == "Qwen3VLProcessor"
+
+
+def test_encode_matches_the_processor(tiny_backend):
+    images = [_image(1), _image(2, 200, 100)]
+    request = Request(images=images, questions=QUESTIONS[:3], spec=protocol.CORRESPONDENCE)
+    encoded = tiny_backend.encode(request)
+    from PIL import Image
+
+    for question, ids in zip(request.questions, encoded.input_ids):
+        ref = tiny_backend.processor.apply_chat_template(
+            tiny_backend._messages([Image.fromarray(im) for im in images], question),
+            tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt",
+        )
+        assert ids == ref["input_ids"][0].tolist()
+        assert torch.equal(encoded.pixel_values, ref["pixel_values"])
+        assert torch.equal(encoded.image_grid_thw, ref["image_grid_thw"])
+    n = encoded.shared_prefix_length()
+    image_tokens = int(sum(int(g.prod()) // 4 for g in encoded.image_grid_thw))
+    assert n > image_tokens  # the images and the common start of the questions are shared
+    assert all(ids[:n] == encoded.input_ids[0][:n] for ids in encoded.input_ids)
+
+
+@pytest.fixture(scope="module")
+def varied_backend(tiny_checkpoint):
+    """A backend whose end-of-turn set includes a frequent token, so answers end at different lengths."""
+    backend = TransformersBackend(tiny_checkpoint, device="cpu", dtype="float32", max_batch=64)
+    request = Request(images=[_image(3)], questions=QUESTIONS, max_new_tokens=24)
+    tokens = backend.answer_reference(request).token_ids
+    first_positions: dict[int, set[int]] = {}
+    for row in tokens:
+        for tok in set(row[1:]):
+            first_positions.setdefault(tok, set()).add(row.index(tok, 1))
+    # The token whose first appearance varies most across the answers ends them at different lengths.
+    extra = max((t for t in first_positions if t not in backend.eos_token_ids), key=lambda t: len(first_positions[t]))
+    backend.eos_token_ids = backend.eos_token_ids | {extra}
+    backend.model.generation_config.eos_token_id = sorted(backend.eos_token_ids)
+    return backend
+
+
+def test_shared_prefix_equals_reference_token_for_token(varied_backend):
+    request = Request(images=[_image(3)], questions=QUESTIONS, max_new_tokens=24)
+    reference = varied_backend.answer_reference(request)
+    engine = varied_backend.answer(request)
+    lengths = [len(t) for t in reference.token_ids]
+    assert len(set(lengths)) >= 2, f"answers should end at different lengths, got {lengths}"
+    assert len(set(engine.prompt_tokens)) >= 4, "questions of different token lengths"
+    _assert_same_tokens(engine, reference)
+    assert engine.answers == reference.answers
+    assert engine.finish_reasons == reference.finish_reasons
+    assert engine.prompt_tokens == reference.prompt_tokens
+    assert engine.info["shared_prefix_tokens"] > 0
+
+
+@pytest.mark.parametrize("max_batch", [1, 2, 5])
+def test_chunked_batches_give_the_same_answers(tiny_checkpoint, varied_backend, max_batch):
+    request = Request(images=[_image(4)], questions=QUESTIONS, max_new_tokens=16)
+    full = varied_backend.answer(request)
+    varied_backend.max_batch = max_batch
+    try:
+        chunked = varied_backend.answer(request)
+    finally:
+        varied_backend.max_batch = 64
+    assert chunked.token_ids == full.token_ids
+
+
+def test_stop_strings_end_rows_early(tiny_backend):
+    request = Request(images=[_image(5)], questions=QUESTIONS[:4], max_new_tokens=20)
+    reference = tiny_backend.answer_reference(request)
+    # Stop on a piece of text the model really produces in some (not all) answers.
+    texts = [tiny_backend.tokenizer.decode(t, skip_special_tokens=True) for t in reference.token_ids]
+    stop = next(texts[0][i : i + 2] for i in range(3, len(texts[0]) - 2) if texts[0][i : i + 2].strip())
+    spec = replace(protocol.DEPTH, stop_strings=(stop,))
+    engine = tiny_backend.answer(replace(request, spec=spec))
+    assert engine.finish_reasons[0] == "stop"
+    _assert_same_tokens(engine, reference)
+    for text, answer, reason in zip(texts, engine.answers, engine.finish_reasons):
+        assert answer == truncate_at_stop(text, (stop,))
+        assert (reason == "stop") == (stop in text)
+    assert sum(engine.generated_tokens) < sum(reference.generated_tokens)
+
+
+def test_two_image_requests_match_the_reference(tiny_backend):
+    request = Request(
+        images=[_image(6), _image(7, 120, 160)],
+        questions=[protocol.correspondence_question(x, y) for x, y in [(1, 2), (999, 10), (500, 500)]],
+        spec=protocol.CORRESPONDENCE,
+        max_new_tokens=12,
+    )
+    _assert_same_tokens(tiny_backend.answer(request), tiny_backend.answer_reference(request))
+
+
+def test_timings_and_counts_are_reported(tiny_backend):
+    response = tiny_backend.answer(Request(images=[_image(8)], questions=QUESTIONS[:2], max_new_tokens=4))
+    assert set(response.timings) >= {"preprocess", "vision", "prefix_prefill", "suffix_prefill", "decode", "total"}
+    assert all(v >= 0 for v in response.timings.values())
+    assert response.generated_tokens == [len(t) for t in response.token_ids]
+    assert all(0 < n <= 4 for n in response.generated_tokens)
+
+
+def test_request_validation():
+    with pytest.raises(EngineError, match="2 image"):
+        Request(images=[_image(0)], questions=["q"], spec=protocol.POSE)
+    with pytest.raises(EngineError, match="RGB uint8"):
+        Request(images=[np.zeros((4, 4), np.uint8)], questions=["q"])
+    with pytest.raises(EngineError, match="at least one question"):
+        Request(images=[_image(0)], questions=[])
+
+
+def test_missing_and_broken_checkpoints_are_named(tmp_path, tiny_checkpoint):
+    with pytest.raises(EngineError, match="does not exist"):
+        load_checkpoint(tmp_path / "nowhere")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    (broken / "model.safetensors").unlink()
+    (broken / "tokenizer.json").unlink()
+    with pytest.raises(EngineError, match=r"incomplete: missing model weights .* tokenizer files") as info:
+        load_checkpoint(broken)
+    assert str(broken) in str(info.value)
+    shutil.copy(tiny_checkpoint / "model.safetensors", broken / "model.safetensors")
+    shutil.copy(tiny_checkpoint / "tokenizer.json", broken / "tokenizer.json")
+    (broken / "config.json").write_text("{oops")
+    with pytest.raises(EngineError, match="config.json is not valid JSON"):
+        load_checkpoint(broken)
+    (broken / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(EngineError, match="'bert' is not supported"):
+        load_checkpoint(broken)
+    with pytest.raises(EngineError, match="not in the local Hugging Face cache"):
+        load_checkpoint("some-org/not-downloaded-model")
+    with pytest.raises(EngineError, match="unknown backend"):
+        load_backend("magic")
+
+
+def test_checkpoint_without_protocol_file_serves_builtin_specs(tmp_path, tiny_checkpoint):
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_checkpoint, plain)
+    (plain / protocol.PROTOCOL_FILENAME).unlink()
+    loaded = load_checkpoint(plain, device="cpu")
+    assert not loaded.protocol_file
+    assert loaded.specs["depth"] == protocol.DEPTH and loaded.specs["pose"] == protocol.POSE
+    custom = tmp_path / "custom"
+    shutil.copytree(plain, custom)
+    protocol.save_protocol(custom, [protocol.DEPTH.with_options(depth_kind="z")])
+    loaded = load_checkpoint(custom, device="cpu")
+    assert set(loaded.specs) == {"depth"} and loaded.specs["depth"].option("depth_kind") == "z"
+
+
+def test_lora_adapter_is_merged(tmp_path, tiny_checkpoint, tiny_backend):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForImageTextToText
+
+    base = AutoModelForImageTextToText.from_pretrained(tiny_checkpoint)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    torch.manual_seed(1)
+    lora = peft.get_peft_model(base, config)
+    adapter_dir = tmp_path / "adapter"
+    lora.save_pretrained(adapter_dir)
+    merged = lora.merge_and_unload()
+
+    backend = TransformersBackend(tiny_checkpoint, device="cpu", adapter=adapter_dir, warmup=False)
+    for name, param in merged.state_dict().items():
+        torch.testing.assert_close(backend.model.state_dict()[name], param, msg=name)
+    request = Request(images=[_image(9)], questions=QUESTIONS[:2], max_new_tokens=8)
+    assert backend.answer(request).token_ids != tiny_backend.answer(request).token_ids
+    with pytest.raises(EngineError, match="adapter_config.json"):
+        TransformersBackend(tiny_checkpoint, device="cpu", adapter=tmp_path, warmup=False)

@@ -1,0 +1,267 @@
+"""In-process Hugging Face transformers backend with shared-prefix batched decoding."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..protocol import TaskSpec
+from .base import Backend, EngineError, Request, Response
+from .checkpoint import LoadedCheckpoint, load_checkpoint
+
+__all__ = ["TransformersBackend", "EncodedRequest"]
+
+
+class EncodedRequest:
+    """The token ids of every question's full prompt, and the image features, of one request."""
+
+    def __init__(self, input_ids: list[list[int]], pixel_values, image_grid_thw, image_token_id: int) -> None:
+        self.input_ids = input_ids
+        self.pixel_values = pixel_values
+        self.image_grid_thw = image_grid_thw
+        self.image_token_id = image_token_id
+
+    def shared_prefix_length(self) -> int:
+        """Length of the longest common token prefix, leaving every question at least one token."""
+        first = self.input_ids[0]
+        limit = min(len(ids) for ids in self.input_ids) - 1
+        n = 0
+        while n < limit and all(ids[n] == first[n] for ids in self.input_ids):
+            n += 1
+        last_image = max((i for i, t in enumerate(first) if t == self.image_token_id), default=-1)
+        if any(t == self.image_token_id for ids in self.input_ids for t in ids[n:]):
+            raise EngineError("the questions' prompts differ before their image tokens; cannot share the image prefix")
+        if last_image >= n:
+            raise EngineError("the shared prompt prefix does not hold all image tokens")
+        return n
+
+
+class TransformersBackend(Backend):
+    """Runs a Qwen3-VL / Qwen2.5-VL checkpoint in process.
+
+    Args:
+        checkpoint: a local checkpoint directory or a hub id (or an already :class:`LoadedCheckpoint`).
+        device, dtype: ``auto`` picks CUDA + bfloat16 when available, else CPU + float32.
+        adapter: optional LoRA adapter directory (merged into the weights at load).
+        offline: look hub ids up in the local cache only.
+        max_batch: questions decoded together at most (bounds memory; larger requests are chunked).
+        warmup: run one tiny request at load so the first real frame is not slow.
+    """
+
+    name = "transformers"
+
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike[str] | LoadedCheckpoint,
+        *,
+        device: str | None = "auto",
+        dtype: str | None = "auto",
+        adapter: str | os.PathLike[str] | None = None,
+        offline: bool = True,
+        max_batch: int = 64,
+        warmup: bool = True,
+    ) -> None:
+        from .shared_prefix import install_shared_prefix_attention
+
+        if max_batch < 1:
+            raise EngineError(f"max_batch must be >= 1, got {max_batch}")
+        t0 = time.perf_counter()
+        self.checkpoint = (
+            checkpoint
+            if isinstance(checkpoint, LoadedCheckpoint)
+            else load_checkpoint(checkpoint, device=device, dtype=dtype, adapter=adapter, offline=offline)
+        )
+        self.model = self.checkpoint.model
+        self.processor = self.checkpoint.processor
+        self.tokenizer = self.processor.tokenizer
+        self.max_batch = max_batch
+        install_shared_prefix_attention(self.model)
+        self.image_token = getattr(self.processor, "image_token", "<|image_pad|>")
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        self.eos_token_ids = self._eos_ids()
+        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.load_seconds = time.perf_counter() - t0
+        if warmup:
+            self.warmup()
+
+    # -- Backend interface ---------------------------------------------------------------------
+
+    @property
+    def specs(self) -> Mapping[str, TaskSpec]:
+        return self.checkpoint.specs
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "checkpoint": str(self.checkpoint.path),
+            "model_type": self.checkpoint.model_type,
+            "device": str(self.device),
+            "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+            "protocol_file": self.checkpoint.protocol_file,
+        }
+
+    def answer(self, request: Request) -> Response:
+        """All of the request's questions, decoded together over one shared image prefix."""
+        from .shared_prefix import PrefixInputs, decode_shared_prefix
+
+        t0 = time.perf_counter()
+        encoded = self.encode(request)
+        t_encode = time.perf_counter() - t0
+        n = encoded.shared_prefix_length()
+        import torch
+
+        device = self.device
+        prefix_ids = torch.tensor([encoded.input_ids[0][:n]], device=device)
+        prefix = PrefixInputs(
+            input_ids=prefix_ids,
+            mm_token_type_ids=(prefix_ids == self.image_token_id).int(),
+            pixel_values=encoded.pixel_values.to(device, self.model.dtype),
+            image_grid_thw=encoded.image_grid_thw.to(device),
+        )
+        result = decode_shared_prefix(
+            self.model,
+            prefix,
+            [ids[n:] for ids in encoded.input_ids],
+            max_new_tokens=request.max_new_tokens,
+            eos_token_ids=self.eos_token_ids,
+            is_stopped=self._stop_check(request.spec),
+            max_batch=self.max_batch,
+            pad_token_id=self.pad_token_id,
+        )
+        timings = {"preprocess": t_encode, **result.timings, "total": time.perf_counter() - t0}
+        return self._response(request.spec, encoded, result.tokens, result.finish_reasons, timings, shared=n)
+
+    def answer_reference(self, request: Request) -> Response:
+        """The reference way: full prompt through the processor and one ``generate`` per question.
+
+        This is how the public VLM3 notebook queries a model (the image is re-encoded for every
+        question); it is the baseline the shared-prefix engine must reproduce token for token.
+        """
+        import torch
+        from PIL import Image
+
+        t0 = time.perf_counter()
+        images = [Image.fromarray(np.asarray(im)) for im in request.images]
+        tokens, reasons, prompt_lengths = [], [], []
+        with torch.inference_mode():
+            for question in request.questions:
+                inputs = self.processor.apply_chat_template(
+                    self._messages(images, question),
+                    tokenize=True,
+                    add_generation_prompt=True,
+                    return_dict=True,
+                    return_tensors="pt",
+                ).to(self.device)
+                out = self.model.generate(**inputs, max_new_tokens=request.max_new_tokens, do_sample=False)
+                prompt_len = inputs["input_ids"].shape[1]
+                generated = out[0, prompt_len:].tolist()
+                while generated and generated[-1] == self.pad_token_id and self.pad_token_id not in self.eos_token_ids:
+                    generated.pop()
+                tokens.append(generated)
+                prompt_lengths.append(prompt_len)
+                reasons.append("eos" if generated and generated[-1] in self.eos_token_ids else "length")
+        timings = {"total": time.perf_counter() - t0}
+        response = Response(
+            answers=[self._text(request.spec, t) for t in tokens],
+            prompt_tokens=prompt_lengths,
+            generated_tokens=[len(t) for t in tokens],
+            finish_reasons=reasons,
+            timings=timings,
+            token_ids=tokens,
+        )
+        return response
+
+    def warmup(self) -> None:
+        """One tiny request through the whole path (allocations, lazy initialisation)."""
+        spec = next(iter(self.specs.values()))
+        image = np.full((64, 64, 3), 127, dtype=np.uint8)
+        self.answer(Request(images=[image] * spec.num_images, questions=["warm up", "warm"], spec=spec, max_new_tokens=2))
+
+    # -- encoding ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _messages(images: Sequence[Any], question: str) -> list[dict[str, Any]]:
+        content: list[dict[str, Any]] = [{"type": "image", "image": im} for im in images]
+        content.append({"type": "text", "text": question})
+        return [{"role": "user", "content": content}]
+
+    def encode(self, request: Request) -> EncodedRequest:
+        """Token ids of every question's prompt (exactly as the processor makes them) and image features."""
+        from PIL import Image
+
+        images = [Image.fromarray(np.asarray(im)) for im in request.images]
+        features = self.processor.image_processor(images=images, return_tensors="pt")
+        grid = features["image_grid_thw"]
+        merge = self.processor.image_processor.merge_size ** 2
+        counts = [int(g.prod()) // merge for g in grid]
+        texts = []
+        for question in request.questions:
+            text = self.processor.apply_chat_template(
+                self._messages([None] * len(images), question), tokenize=False, add_generation_prompt=True
+            )
+            parts = text.split(self.image_token)
+            if len(parts) - 1 != len(images):
+                raise EngineError(
+                    f"the chat template produced {len(parts) - 1} image placeholders for {len(images)} image(s)"
+                )
+            texts.append(parts[0] + "".join(self.image_token * c + p for c, p in zip(counts, parts[1:])))
+        input_ids = self.tokenizer(texts)["input_ids"]
+        return EncodedRequest(input_ids, features["pixel_values"], grid, self.image_token_id)
+
+    # -- answers -------------------------------------------------------------------------------
+
+    def _eos_ids(self) -> set[int]:
+        ids = self.model.generation_config.eos_token_id
+        if ids is None:
+            ids = self.tokenizer.eos_token_id
+        ids = [ids] if isinstance(ids, int) else list(ids or [])
+        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
+            ids.append(im_end)
+        if not ids:
+            raise EngineError(f"checkpoint {self.checkpoint.path} defines no end-of-turn token")
+        return set(ids)
+
+    def _stop_check(self, spec: TaskSpec):
+        if not spec.stop_strings:
+            return None
+        decode = self.tokenizer.decode
+        stops = spec.stop_strings
+        last_chars = {s[-1] for s in stops}
+
+        def stopped(tokens: list[int]) -> bool:
+            tail = decode(tokens[-1:], skip_special_tokens=True)
+            if not any(c in tail for c in last_chars):
+                return False
+            text = decode(tokens, skip_special_tokens=True)
+            return any(s in text for s in stops)
+
+        return stopped
+
+    def _text(self, spec: TaskSpec, tokens: list[int]) -> str:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return truncate_at_stop(text, spec.stop_strings)
+
+    def _response(self, spec, encoded, tokens, reasons, timings, shared: int) -> Response:
+        return Response(
+            answers=[self._text(spec, t) for t in tokens],
+            prompt_tokens=[len(ids) for ids in encoded.input_ids],
+            generated_tokens=[len(t) for t in tokens],
+            finish_reasons=list(reasons),
+            timings=timings,
+            token_ids=tokens,
+            info={"shared_prefix_tokens": shared},
+        )
+
+
+def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+    """``text`` up to and including the first stop string (unchanged when none occurs)."""
+    ends = [text.find(s) + len(s) for s in stop_strings if s in text]
+    return text[: min(ends)] if ends else text
