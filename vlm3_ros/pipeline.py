@@ -1,0 +1,335 @@
+"""Per-frame pipelines: pixels of a camera image -> protocol questions -> answers -> metric geometry.
+
+Each pipeline prepares the image(s) as its task spec says, turns the requested original-image
+pixels into the task's text coordinates, asks the backend all questions of the frame in one
+request, parses the answers and maps them back into the original camera's geometry:
+
+* :class:`DepthEstimator`: sparse metric depth -> 3D points in the camera's optical frame;
+* :class:`CorrespondenceMatcher`: pixels of image 1 -> matching pixels of image 2;
+* :class:`PoseEstimator`: the relative pose of camera 2 with respect to camera 1.
+
+The preparation keeps the camera centre and orientation (undistortion uses no rotation), so a 3D
+point computed in the prepared pinhole camera is the same point in the original camera's frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from . import protocol
+from .camera import Intrinsics, PreparedImage, prepare_depth, prepare_image
+from .engine.base import Backend, GroundTruth, Request, Response
+from .protocol import AnswerParseError, RelativePose, TaskSpec
+
+__all__ = [
+    "CorrespondenceMatcher",
+    "CorrespondenceResult",
+    "DepthEstimator",
+    "DepthResult",
+    "PoseEstimator",
+    "PoseResult",
+    "query_grid",
+]
+
+
+def query_grid(width: int, height: int, count: int, margin: float = 0.05) -> np.ndarray:
+    """About ``count`` pixels on a regular grid over the image, ``margin`` (fraction) from the border.
+
+    The grid's aspect follows the image's; pixels are at integer positions (pixel centres).
+    """
+    if count < 1:
+        raise ValueError(f"query count must be >= 1, got {count}")
+    if not 0 <= margin < 0.5:
+        raise ValueError(f"margin must be in [0, 0.5), got {margin}")
+    x0, x1 = margin * (width - 1), (1 - margin) * (width - 1)
+    y0, y1 = margin * (height - 1), (1 - margin) * (height - 1)
+    cols = max(1, int(round(np.sqrt(count * (x1 - x0 + 1) / (y1 - y0 + 1)))))
+    rows = max(1, int(round(count / cols)))
+    xs = np.linspace(x0, x1, cols) if cols > 1 else np.array([(x0 + x1) / 2])
+    ys = np.linspace(y0, y1, rows) if rows > 1 else np.array([(y0 + y1) / 2])
+    grid = np.stack(np.meshgrid(np.round(xs), np.round(ys)), axis=-1).reshape(-1, 2)
+    return grid.astype(np.float64)
+
+
+def _ask(backend: Backend, images, questions, spec: TaskSpec, max_new_tokens: int, gt: GroundTruth | None) -> Response:
+    return backend.answer(
+        Request(images=images, questions=questions, spec=spec, max_new_tokens=max_new_tokens, ground_truth=gt)
+    )
+
+
+def _rgb(prepared: PreparedImage) -> np.ndarray:
+    image = prepared.image
+    if not isinstance(image, np.ndarray):  # a torch tensor prepared on the GPU
+        image = image.detach().cpu().numpy()
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    return np.ascontiguousarray(image, dtype=np.uint8)
+
+
+def _parse_all(parse: Callable[[str], Any], answers: list[str]) -> tuple[list[Any], list[str | None]]:
+    values: list[Any] = []
+    errors: list[str | None] = []
+    for text in answers:
+        try:
+            values.append(parse(text))
+            errors.append(None)
+        except AnswerParseError as exc:
+            values.append(None)
+            errors.append(str(exc))
+    return values, errors
+
+
+def _text_coordinates(prepared: PreparedImage, uv: np.ndarray, scale: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Original pixels -> (inside mask, integer text coordinates, the prepared pixels those refer to)."""
+    size = np.array([prepared.width, prepared.height], dtype=float)
+    uvp = prepared.mapping.to_prepared(uv)
+    inside = np.all(np.isfinite(uvp), axis=1) & np.all((uvp >= -0.5) & (uvp <= size - 0.5), axis=1)
+    nxy = np.zeros_like(uvp)
+    nxy[inside] = np.round(uvp[inside] / size * scale)  # round half to even, as protocol.normalize_point
+    referenced = nxy / scale * size
+    return inside, nxy.astype(np.int64), referenced
+
+
+# ------------------------------------------------------------------------------------------------
+# Depth
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DepthResult:
+    """Sparse metric depth of one frame.
+
+    ``uv`` holds the original-image pixel each answer refers to (the requested pixel moved by at
+    most half a text-coordinate unit by the protocol's rounding); ``distance`` is the answered value
+    (ray length or z as the spec says), ``z`` metres along the optical axis, ``points`` the 3D
+    points in the camera's optical frame. Rows that were not asked (outside the image) or whose
+    answer could not be parsed are NaN and not ``valid``.
+    """
+
+    uv_query: np.ndarray
+    uv: np.ndarray
+    distance: np.ndarray
+    z: np.ndarray
+    points: np.ndarray
+    valid: np.ndarray
+    answers: list[str | None]
+    errors: list[str | None]
+    prepared: PreparedImage
+    response: Response | None = None
+
+    @property
+    def parse_failures(self) -> int:
+        return sum(e is not None and not e.startswith("outside") for e in self.errors)
+
+    def depth_image(self, width: int, height: int) -> np.ndarray:
+        """A float32 depth image (metres along z, NaN elsewhere) in the original geometry (REP-118)."""
+        image = np.full((height, width), np.nan, dtype=np.float32)
+        cols = np.round(self.uv[self.valid, 0]).astype(int)
+        rows = np.round(self.uv[self.valid, 1]).astype(int)
+        ok = (cols >= 0) & (cols < width) & (rows >= 0) & (rows < height)
+        image[rows[ok], cols[ok]] = self.z[self.valid][ok]
+        return image
+
+
+class DepthEstimator:
+    """Sparse metric depth from a backend serving the ``depth`` task."""
+
+    def __init__(self, backend: Backend, *, spec: TaskSpec | None = None, max_new_tokens: int = 64) -> None:
+        self.backend = backend
+        self.spec = spec or backend.spec("depth")
+        self.max_new_tokens = max_new_tokens
+        if self.spec.coord_scale is None:
+            raise ValueError(f"task {self.spec.name!r} has no coordinate scale; it cannot reference pixels")
+
+    @property
+    def depth_kind(self) -> str:
+        return str(self.spec.option("depth_kind", "ray"))
+
+    def prepare(self, image: Any, intrinsics: Intrinsics) -> PreparedImage:
+        return prepare_image(image, intrinsics, self.spec.preprocess)
+
+    def estimate(
+        self,
+        image: Any,
+        intrinsics: Intrinsics,
+        uv: np.ndarray,
+        *,
+        reference_depth: np.ndarray | None = None,
+        prepared: PreparedImage | None = None,
+    ) -> DepthResult:
+        """Depth at original-image pixels ``uv`` (N, 2).
+
+        ``reference_depth`` (metres along z, aligned with ``image``) is handed to the backend as
+        ground truth (the oracle backend answers from it; model backends ignore it).
+        """
+        uv = np.asarray(uv, dtype=np.float64).reshape(-1, 2)
+        prepared = prepared or self.prepare(image, intrinsics)
+        scale = self.spec.coord_scale
+        inside, nxy, referenced = _text_coordinates(prepared, uv, scale)
+        index = np.flatnonzero(inside)
+        questions = [self.spec.question(nx=int(nxy[i, 0]), ny=int(nxy[i, 1])) for i in index]
+        gt = None
+        if reference_depth is not None:
+            gt = GroundTruth(depth=prepare_depth(reference_depth, prepared), K=prepared.intrinsics.K)
+        response = _ask(self.backend, [_rgb(prepared)], questions, self.spec, self.max_new_tokens, gt) if len(index) else None
+        values, parse_errors = _parse_all(protocol.parse_depth_answer, response.answers if response else [])
+
+        n = len(uv)
+        distance = np.full(n, np.nan)
+        answers: list[str | None] = [None] * n
+        errors: list[str | None] = ["outside the prepared image"] * n
+        for k, i in enumerate(index):
+            answers[i] = response.answers[k]
+            errors[i] = parse_errors[k]
+            if values[k] is not None:
+                distance[i] = values[k]
+        rays = np.linalg.solve(prepared.intrinsics.K, np.column_stack([referenced, np.ones(n)]).T).T
+        if self.depth_kind == "ray":
+            rays /= np.linalg.norm(rays, axis=1, keepdims=True)
+        points = rays * distance[:, None]
+        valid = np.isfinite(distance)
+        uv_ref = np.full_like(uv, np.nan)
+        uv_ref[inside] = prepared.mapping.to_original(referenced[inside])
+        return DepthResult(
+            uv_query=uv,
+            uv=uv_ref,
+            distance=distance,
+            z=points[:, 2].copy(),
+            points=points,
+            valid=valid,
+            answers=answers,
+            errors=errors,
+            prepared=prepared,
+            response=response,
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Correspondence
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CorrespondenceResult:
+    """Matches of original image-1 pixels ``uv1`` in original image 2 (``uv2``; NaN where none)."""
+
+    uv1: np.ndarray
+    uv2: np.ndarray
+    valid: np.ndarray
+    answers: list[str | None]
+    errors: list[str | None]
+    prepared: tuple[PreparedImage, PreparedImage]
+    response: Response | None = None
+
+
+class CorrespondenceMatcher:
+    """Pixel correspondences from a backend serving the ``correspondence`` task."""
+
+    def __init__(self, backend: Backend, *, spec: TaskSpec | None = None, max_new_tokens: int = 32, think: bool = False) -> None:
+        self.backend = backend
+        self.spec = spec or backend.spec("correspondence")
+        self.max_new_tokens = max_new_tokens
+        self.think = think
+
+    def match(
+        self,
+        image1: Any,
+        intrinsics1: Intrinsics,
+        image2: Any,
+        intrinsics2: Intrinsics,
+        uv1: np.ndarray,
+        *,
+        reference_depth1: np.ndarray | None = None,
+        reference_pose: np.ndarray | None = None,
+    ) -> CorrespondenceResult:
+        """Matches in image 2 for original image-1 pixels ``uv1``.
+
+        ``reference_depth1`` (z, aligned with image 1) and ``reference_pose`` (4x4, camera 1 <-
+        camera 2) are ground truth for the oracle backend.
+        """
+        uv1 = np.asarray(uv1, dtype=np.float64).reshape(-1, 2)
+        p1 = prepare_image(image1, intrinsics1, self.spec.preprocess)
+        p2 = prepare_image(image2, intrinsics2, self.spec.preprocess)
+        scale = self.spec.coord_scale
+        inside, nxy, _ = _text_coordinates(p1, uv1, scale)
+        index = np.flatnonzero(inside)
+        suffix = self.spec.option("think_suffix", "") if self.think else ""
+        questions = [self.spec.question(nx=int(nxy[i, 0]), ny=int(nxy[i, 1])) + suffix for i in index]
+        gt = None
+        if reference_depth1 is not None and reference_pose is not None:
+            gt = GroundTruth(
+                depth=prepare_depth(reference_depth1, p1),
+                K=p1.intrinsics.K,
+                K2=p2.intrinsics.K,
+                pose=np.asarray(reference_pose, float),
+                size2=(p2.width, p2.height),
+            )
+        response = _ask(self.backend, [_rgb(p1), _rgb(p2)], questions, self.spec, self.max_new_tokens, gt) if len(index) else None
+        values, parse_errors = _parse_all(protocol.parse_correspondence_answer, response.answers if response else [])
+        n = len(uv1)
+        uv2 = np.full((n, 2), np.nan)
+        answers: list[str | None] = [None] * n
+        errors: list[str | None] = ["outside the prepared image"] * n
+        size2 = np.array([p2.width, p2.height], dtype=float)
+        for k, i in enumerate(index):
+            answers[i] = response.answers[k]
+            errors[i] = parse_errors[k]
+            if values[k] is not None:
+                uv2[i] = p2.mapping.to_original(np.asarray(values[k], float) / scale * size2)
+        return CorrespondenceResult(uv1, uv2, np.all(np.isfinite(uv2), axis=1), answers, errors, (p1, p2), response)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pose
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PoseResult:
+    """The relative pose camera 1 <- camera 2 answered for a frame pair (``pose`` None when unparseable)."""
+
+    pose: RelativePose | None
+    answers: dict[str, str]
+    error: str | None
+    response: Response | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def matrix(self) -> np.ndarray | None:
+        return None if self.pose is None else self.pose.matrix
+
+
+class PoseEstimator:
+    """Relative camera pose from a backend serving the ``pose`` task (all four questions)."""
+
+    def __init__(self, backend: Backend, *, spec: TaskSpec | None = None, max_new_tokens: int = 48,
+                 question_ids: tuple[str, ...] | None = None) -> None:
+        self.backend = backend
+        self.spec = spec or backend.spec("pose")
+        self.max_new_tokens = max_new_tokens
+        self.question_ids = tuple(question_ids or self.spec.questions)
+
+    def estimate(
+        self,
+        image1: Any,
+        intrinsics1: Intrinsics,
+        image2: Any,
+        intrinsics2: Intrinsics,
+        *,
+        reference_pose: np.ndarray | None = None,
+    ) -> PoseResult:
+        p1 = prepare_image(image1, intrinsics1, self.spec.preprocess)
+        p2 = prepare_image(image2, intrinsics2, self.spec.preprocess)
+        questions = [self.spec.question(qid) for qid in self.question_ids]
+        gt = None if reference_pose is None else GroundTruth(pose=np.asarray(reference_pose, float))
+        response = _ask(self.backend, [_rgb(p1), _rgb(p2)], questions, self.spec, self.max_new_tokens, gt)
+        answers = dict(zip(self.question_ids, response.answers))
+        try:
+            pose = protocol.parse_pose_answers(answers)
+            error = None
+        except protocol.ProtocolError as exc:
+            pose, error = None, str(exc)
+        return PoseResult(pose=pose, answers=answers, error=error, response=response)
