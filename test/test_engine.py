@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 from vlm3_ros import protocol  # noqa: E402
 from vlm3_ros.engine import EngineError, Request, load_backend  # noqa: E402
 from vlm3_ros.engine.checkpoint import load_checkpoint  # noqa: E402
-from vlm3_ros.engine.transformers_backend import TransformersBackend, truncate_at_stop  # noqa: E402
+from vlm3_ros.engine.transformers_backend import TransformersBackend, same_tokens, truncate_at_stop  # noqa: E402
 
 
 def _image(seed: int, width: int = 160, height: int = 120) -> np.ndarray:
@@ -35,13 +35,9 @@ QUESTIONS = [
 ]
 
 
-def _assert_same_tokens(engine, reference, stop_strings=()):
+def _assert_same_tokens(engine, reference):
     """Engine tokens == reference tokens, the reference cut where the engine stopped on a stop string."""
-    for i, (got, ref, reason) in enumerate(zip(engine.token_ids, reference.token_ids, engine.finish_reasons)):
-        if reason == "stop":
-            assert got == ref[: len(got)], f"question {i}: engine diverged from the reference"
-        else:
-            assert got == ref, f"question {i}: engine {got} != reference {ref}"
+    assert same_tokens(engine, reference), f"engine {engine.token_ids} != reference {reference.token_ids}"
 
 
 def test_checkpoint_loads_through_the_user_path(tiny_checkpoint):
@@ -217,3 +213,14 @@ def test_lora_adapter_is_merged(tmp_path, tiny_checkpoint, tiny_backend):
     assert backend.answer(request).token_ids != tiny_backend.answer(request).token_ids
     with pytest.raises(EngineError, match="adapter_config.json"):
         TransformersBackend(tiny_checkpoint, device="cpu", adapter=tmp_path, warmup=False)
+
+
+def test_same_tokens_detects_any_difference():
+    from vlm3_ros.engine import Response
+
+    ref = Response(answers=["a", "b"], token_ids=[[1, 2, 3], [4, 5]], finish_reasons=["length", "eos"])
+    assert same_tokens(Response(answers=[], token_ids=[[1, 2, 3], [4, 5]], finish_reasons=["length", "eos"]), ref)
+    assert same_tokens(Response(answers=[], token_ids=[[1, 2], [4, 5]], finish_reasons=["stop", "eos"]), ref)
+    assert not same_tokens(Response(answers=[], token_ids=[[1, 2], [4, 5]], finish_reasons=["length", "eos"]), ref)
+    assert not same_tokens(Response(answers=[], token_ids=[[1, 9, 3], [4, 5]], finish_reasons=["length", "eos"]), ref)
+    assert not same_tokens(Response(answers=[], token_ids=[[1, 2, 3]], finish_reasons=["length"]), ref)

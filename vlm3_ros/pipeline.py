@@ -151,6 +151,14 @@ class DepthEstimator:
     def prepare(self, image: Any, intrinsics: Intrinsics) -> PreparedImage:
         return prepare_image(image, intrinsics, self.spec.preprocess)
 
+    def questions(self, prepared: PreparedImage, uv: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """The questions for original pixels ``uv``: (questions of the pixels inside the prepared
+        image, the inside mask, the prepared pixel each text coordinate refers to)."""
+        inside, nxy, referenced = _text_coordinates(prepared, np.asarray(uv, dtype=np.float64).reshape(-1, 2),
+                                                    self.spec.coord_scale)
+        questions = [self.spec.question(nx=int(nxy[i, 0]), ny=int(nxy[i, 1])) for i in np.flatnonzero(inside)]
+        return questions, inside, referenced
+
     def estimate(
         self,
         image: Any,
@@ -167,10 +175,8 @@ class DepthEstimator:
         """
         uv = np.asarray(uv, dtype=np.float64).reshape(-1, 2)
         prepared = prepared or self.prepare(image, intrinsics)
-        scale = self.spec.coord_scale
-        inside, nxy, referenced = _text_coordinates(prepared, uv, scale)
+        questions, inside, referenced = self.questions(prepared, uv)
         index = np.flatnonzero(inside)
-        questions = [self.spec.question(nx=int(nxy[i, 0]), ny=int(nxy[i, 1])) for i in index]
         gt = None
         if reference_depth is not None:
             gt = GroundTruth(depth=prepare_depth(reference_depth, prepared), K=prepared.intrinsics.K)

@@ -96,9 +96,9 @@ PRESETS: dict[str, ModelPreset] = {
                     deepstack_visual_indexes=[0]),
     ),
     "bench": ModelPreset(
-        text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=4,
+        text=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=6,
                   num_key_value_heads=2, head_dim=64, mrope_section=[8, 12, 12]),
-        vision=dict(depth=8, hidden_size=128, intermediate_size=512, num_heads=2, num_position_embeddings=256,
+        vision=dict(depth=6, hidden_size=96, intermediate_size=384, num_heads=2, num_position_embeddings=256,
                     deepstack_visual_indexes=[1, 3, 5]),
     ),
     "qwen3-vl-4b": ModelPreset(

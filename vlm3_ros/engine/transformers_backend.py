@@ -12,7 +12,7 @@ from ..protocol import TaskSpec
 from .base import Backend, EngineError, Request, Response
 from .checkpoint import LoadedCheckpoint, load_checkpoint
 
-__all__ = ["TransformersBackend", "EncodedRequest"]
+__all__ = ["EncodedRequest", "TransformersBackend", "same_tokens", "truncate_at_stop"]
 
 
 class EncodedRequest:
@@ -162,8 +162,6 @@ class TransformersBackend(Backend):
                 out = self.model.generate(**inputs, max_new_tokens=request.max_new_tokens, do_sample=False)
                 prompt_len = inputs["input_ids"].shape[1]
                 generated = out[0, prompt_len:].tolist()
-                while generated and generated[-1] == self.pad_token_id and self.pad_token_id not in self.eos_token_ids:
-                    generated.pop()
                 tokens.append(generated)
                 prompt_lengths.append(prompt_len)
                 reasons.append("eos" if generated and generated[-1] in self.eos_token_ids else "length")
@@ -265,3 +263,17 @@ def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     """``text`` up to and including the first stop string (unchanged when none occurs)."""
     ends = [text.find(s) + len(s) for s in stop_strings if s in text]
     return text[: min(ends)] if ends else text
+
+
+def same_tokens(engine: Response, reference: Response) -> bool:
+    """Whether the engine produced the reference's greedy tokens, question by question.
+
+    A row the engine ended on a stop string must be a prefix of the reference row (the reference
+    only stops at end of turn); every other row must be identical.
+    """
+    if engine.token_ids is None or reference.token_ids is None or len(engine.token_ids) != len(reference.token_ids):
+        return False
+    for got, ref, reason in zip(engine.token_ids, reference.token_ids, engine.finish_reasons):
+        if got != (ref[: len(got)] if reason == "stop" else ref):
+            return False
+    return True

@@ -1,0 +1,103 @@
+"""The ``vlm3-ros`` command line: query (oracle and model), make-model and bench."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from vlm3_ros import geometry as g
+from vlm3_ros.cli.main import main
+
+
+def test_help_lists_the_engine_commands(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("query", "bench", "make-model"):
+        assert command in out
+
+
+def test_query_depth_with_the_oracle_matches_the_sensor(sevenscenes, tmp_path, capsys):
+    color = sevenscenes.path(150, "color.png")
+    depth_png = sevenscenes.path(150, "depth.png")
+    out = tmp_path / "q.json"
+    pixels = [[100, 120], [320, 240], [500, 400]]
+    args = [str(color), "--oracle", "--depth", str(depth_png), "--intrinsics", "585", "585", "320", "240", "--json", str(out)]
+    for x, y in pixels:
+        args += ["--pixel", str(x), str(y)]
+    assert main(["query", *args]) == 0
+    report = json.loads(out.read_text())
+    depth = sevenscenes.load_depth(150)
+    K = sevenscenes.intrinsics()
+    for row, (x, y) in zip(report["rows"], pixels):
+        expected = g.backproject(np.array([[row["u"], row["v"]]]), [depth[y, x]], K)[0]
+        assert abs(row["u"] - x) < 0.2 and abs(row["v"] - y) < 0.2
+        assert np.linalg.norm(np.array(row["point"]) - expected) < 0.01
+        assert row["distance_m"] == pytest.approx(np.linalg.norm(row["point"]), abs=1e-5)
+    assert report["summary"]["valid"] == 3
+    assert "distance_m" in capsys.readouterr().out
+
+
+def test_query_pose_with_the_oracle(sevenscenes, tmp_path):
+    T = g.relative_pose(sevenscenes.load_pose(150), sevenscenes.load_pose(180))
+    pose_file = tmp_path / "T.txt"
+    np.savetxt(pose_file, T)
+    out = tmp_path / "pose.json"
+    code = main(["query", str(sevenscenes.path(150, "color.png")), str(sevenscenes.path(180, "color.png")), "--task", "pose",
+                 "--oracle", "--relative-pose", str(pose_file), "--focal", "585", "--json", str(out)])
+    assert code == 0
+    summary = json.loads(out.read_text())["summary"]
+    np.testing.assert_allclose(np.array(summary["matrix"])[:3, 3], T[:3, 3], atol=0.006)
+    assert g.rotation_angle(np.array(summary["matrix"])[:3, :3].T @ T[:3, :3]) < 0.15
+
+
+def test_query_with_a_model_reports_unparseable_answers(tiny_checkpoint, tmp_path):
+    import cv2
+
+    image = tmp_path / "im.png"
+    cv2.imwrite(str(image), np.full((120, 160, 3), 90, np.uint8))
+    out = tmp_path / "m.json"
+    assert main(["query", str(image), "--model", str(tiny_checkpoint), "--device", "cpu", "--focal", "150",
+                 "--grid", "4", "--max-new-tokens", "6", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["backend"]["backend"] == "transformers" and report["summary"]["points"] >= 3
+    assert report["summary"]["parse_failures"] == report["summary"]["points"] - report["summary"]["valid"]
+    assert all(r["answer"] is not None for r in report["rows"])
+
+
+def test_query_rejects_bad_arguments(tmp_path, capsys):
+    import cv2
+
+    image = tmp_path / "a.png"
+    cv2.imwrite(str(image), np.zeros((8, 8, 3), np.uint8))
+    assert main(["query", str(image), str(image), "--oracle", "--focal", "500"]) == 2
+    assert "takes 1 image" in capsys.readouterr().err
+    assert main(["query", str(image), "--model", str(tmp_path / "nothing"), "--focal", "500"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["query", str(image), "--oracle", "--focal", "500"]) == 2
+    assert "--oracle needs --depth" in capsys.readouterr().err
+
+
+def test_make_model_writes_a_loadable_checkpoint(tmp_path):
+    out = tmp_path / "m"
+    assert main(["make-model", str(out), "--preset", "test"]) == 0
+    from vlm3_ros.engine.checkpoint import load_checkpoint
+
+    assert load_checkpoint(out, device="cpu").model_type == "qwen3_vl"
+    assert main(["make-model", str(out)]) == 2  # exists
+    assert main(["make-model", str(tmp_path / "x"), "--preset", "huge"]) == 2
+
+
+def test_bench_reports_identical_answers(tiny_checkpoint, tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(tiny_checkpoint), "--device", "cpu", "--points", "1", "3",
+                 "--max-new-tokens", "6", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [r["points"] for r in results] == [1, 3]
+    for r in results:
+        assert r["identical_answers"] is True
+        assert r["ratio"] == pytest.approx(r["engine_points_per_s"] / r["reference_points_per_s"], rel=1e-9)
+        assert set(r) >= {"points", "reference_points_per_s", "engine_points_per_s", "ratio", "identical_answers"}
