@@ -45,6 +45,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Tuple, Union
 import cv2
 import numpy as np
 
+from .protocol import Preprocess, ProtocolError
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -456,37 +458,22 @@ class PreparedImage:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Preprocess:
-    """A preparation request: ``mode`` "focal" (``value`` = target focal length in px) or
-    "max_edge" (``value`` = longest side in px); ``undistort`` forces undistortion in max_edge mode
-    (focal mode always produces an ideal pinhole)."""
-
-    mode: str
-    value: float
-    undistort: bool = False
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("focal", "max_edge"):
-            raise CameraError(f"preprocess mode must be 'focal' or 'max_edge', got {self.mode!r}")
-        value = _real("preprocess value", self.value)
-        if not math.isfinite(value) or value <= 0:
-            raise CameraError(f"preprocess value must be finite and > 0, got {value}")
-        if not isinstance(self.undistort, (bool, np.bool_)):
-            raise CameraError(f"preprocess undistort must be a bool, got {self.undistort!r}")
-        object.__setattr__(self, "value", value)
-        object.__setattr__(self, "undistort", bool(self.undistort))
-
-    @classmethod
-    def coerce(cls, spec: Any) -> "Preprocess":
-        """Accept a :class:`Preprocess`, a mapping or any object with ``mode``/``value``[/``undistort``]."""
-        if isinstance(spec, cls):
-            return spec
-        get = spec.get if isinstance(spec, Mapping) else functools.partial(getattr, spec)
-        try:
-            return cls(get("mode"), get("value"), get("undistort", False))
-        except (AttributeError, KeyError) as exc:
-            raise CameraError(f"preprocess needs fields mode and value, got {spec!r}") from exc
+def _as_preprocess(spec: Any) -> Preprocess:
+    """A :class:`~vlm3_ros.protocol.Preprocess` from itself, a mapping or any object with
+    ``mode``/``value``[/``undistort``]; problems are reported as :class:`CameraError`."""
+    if isinstance(spec, Preprocess):
+        return spec
+    get = spec.get if isinstance(spec, Mapping) else functools.partial(getattr, spec)
+    try:
+        mode, value, undistort = get("mode"), get("value"), get("undistort", False)
+    except (AttributeError, KeyError) as exc:
+        raise CameraError(f"preprocess needs fields mode and value, got {spec!r}") from exc
+    if not isinstance(undistort, (bool, np.bool_)):
+        raise CameraError(f"preprocess undistort must be a bool, got {undistort!r}")
+    try:
+        return Preprocess(str(mode), _real("preprocess value", value), bool(undistort))
+    except ProtocolError as exc:
+        raise CameraError(str(exc)) from None
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
@@ -720,7 +707,7 @@ def preparation_map(intrinsics: Intrinsics, preprocess: Any) -> PixelMap:
     (``.prepared`` holds the prepared intrinsics). Cached per (camera, request)."""
     if not isinstance(intrinsics, Intrinsics):
         raise CameraError(f"intrinsics must be an Intrinsics, got {type(intrinsics).__name__}")
-    return _plan(intrinsics, Preprocess.coerce(preprocess))
+    return _plan(intrinsics, _as_preprocess(preprocess))
 
 
 def unify_focal(image: ImageLike, intrinsics: Intrinsics, target_focal: float, *,
@@ -735,7 +722,7 @@ def unify_focal(image: ImageLike, intrinsics: Intrinsics, target_focal: float, *
     (pixels whose source falls outside the original are 0). ``interpolation``: "linear" (bilinear,
     area/antialiased when shrinking) or "nearest".
     """
-    return _prepare(image, intrinsics, Preprocess("focal", target_focal), interpolation)
+    return _prepare(image, intrinsics, _as_preprocess({"mode": "focal", "value": target_focal}), interpolation)
 
 
 def resize_max_edge(image: ImageLike, intrinsics: Intrinsics, max_edge: float, *,
@@ -748,13 +735,14 @@ def resize_max_edge(image: ImageLike, intrinsics: Intrinsics, max_edge: float, *
     ``undistort=True`` a camera that is not an ideal pinhole is undistorted to one whose longest
     side is ``max_edge``.
     """
-    return _prepare(image, intrinsics, Preprocess("max_edge", max_edge, undistort), "linear")
+    return _prepare(image, intrinsics, _as_preprocess({"mode": "max_edge", "value": max_edge, "undistort": undistort}),
+                    "linear")
 
 
 def prepare_image(image: ImageLike, intrinsics: Intrinsics, preprocess: Any) -> PreparedImage:
     """Prepare an image for a task; ``preprocess`` has ``mode`` ("focal" | "max_edge"), ``value``
     and optionally ``undistort`` (a :class:`Preprocess`, mapping or object)."""
-    return _prepare(image, intrinsics, Preprocess.coerce(preprocess), "linear")
+    return _prepare(image, intrinsics, _as_preprocess(preprocess), "linear")
 
 
 def prepare_depth(depth: ImageLike, prepared: PreparedImage) -> ImageLike:

@@ -91,13 +91,14 @@ PREPROCESS_MODES = ("focal", "max_edge")
 class Preprocess:
     """How a task prepares its input image(s).
 
-    ``mode="focal"`` undistorts where needed (``undistort``) and resizes so that fx = fy = ``value``
-    pixels; ``mode="max_edge"`` resizes so that max(width, height) = ``value`` pixels.
+    ``mode="focal"`` resizes so that fx = fy = ``value`` pixels (undistorting first where the camera
+    is not an ideal pinhole); ``mode="max_edge"`` resizes so that max(width, height) = ``value``
+    pixels, undistorting first only when ``undistort`` is set.
     """
 
     mode: str
     value: float
-    undistort: bool = True
+    undistort: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in PREPROCESS_MODES:
@@ -110,7 +111,7 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Preprocess":
-        return cls(mode=str(data["mode"]), value=float(data["value"]), undistort=bool(data.get("undistort", True)))
+        return cls(mode=str(data["mode"]), value=float(data["value"]), undistort=bool(data.get("undistort", False)))
 
 
 def _frozen(mapping: Mapping[str, Any] | None) -> Mapping[str, Any]:
