@@ -1,0 +1,151 @@
+"""The depth node: camera image + CameraInfo -> sparse metric depth as a cloud and a depth image.
+
+Subscribes (input QoS, paired by stamp):
+
+* ``image`` (sensor_msgs/Image: rgb8, bgr8, rgba8, bgra8, mono8, mono16) or ``image/compressed``
+  (sensor_msgs/CompressedImage) with ``compressed_input``;
+* ``camera_info`` (sensor_msgs/CameraInfo);
+* ``reference_depth`` (sensor_msgs/Image 16UC1 mm or 32FC1 m, aligned with the image) with
+  ``backend: oracle``: the ground truth the oracle answers from.
+
+Publishes (output QoS; stamp = the image's, frame_id = the CameraInfo's):
+
+* ``points`` (sensor_msgs/PointCloud2): float32 x, y, z (metres, optical frame) and u, v (the
+  original-image pixel each answer refers to), optional packed rgb;
+* ``depth/sparse`` (sensor_msgs/Image 32FC1): metres along z at the answered pixels, NaN elsewhere
+  (REP-118), in the original image's geometry;
+* ``depth/camera_info``: the CameraInfo of that depth image;
+* ``/diagnostics``.
+
+The maths lives in :class:`vlm3_ros.pipeline.DepthEstimator` (focal unification, text
+coordinates, answers -> 3D) and :func:`vlm3_ros.odometry.select_query_pixels`.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from typing import Any, Dict, Optional, Sequence
+
+import numpy as np
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+
+from .. import geometry
+from ..camera import CameraError
+from ..engine import Backend
+from ..odometry import select_query_pixels
+from ..pipeline import DepthEstimator
+from . import backends as backend_cache
+from .conversions import FrameRejected, check_image_size, cloud_msg, depth_metres, header, image_msg, image_rgb, \
+    intrinsics_for
+from .node_base import PerceptionNode
+from .params import DEPTH_NODE_PARAMS
+
+__all__ = ["DepthNode", "main"]
+
+
+class DepthNode(PerceptionNode):
+    """Sparse metric depth from a VLM3 backend (see the module docstring).
+
+    ``backend``: an already created backend to use instead of the one the parameters name.
+    Other keyword arguments go to ``rclpy.node.Node`` (``context``, ``namespace``,
+    ``parameter_overrides``, ``cli_args``...).
+    """
+
+    def __init__(self, node_name: str = "depth_node", *, backend: Optional[Backend] = None, **node_kwargs: Any) -> None:
+        self._given_backend = backend
+        self.backend: Optional[Backend] = None
+        self._estimator: Optional[DepthEstimator] = None
+        self._estimator_key: Any = None
+        super().__init__(node_name, DEPTH_NODE_PARAMS, **node_kwargs)
+        if self.params["backend"] == "oracle":
+            self.subscribe_stream(Image, "reference_depth", "reference_depth")
+        self.points_pub = self.create_publisher(PointCloud2, "points", self.output_qos)
+        self.depth_pub = self.create_publisher(Image, "depth/sparse", self.output_qos)
+        self.depth_info_pub = self.create_publisher(CameraInfo, "depth/camera_info", self.output_qos)
+        self.start()
+
+    def extra_streams(self, values: Dict[str, Any]) -> Sequence[str]:
+        return ("reference_depth",) if values["backend"] == "oracle" else ()
+
+    def backend_description(self) -> str:
+        return backend_cache.settings_from_params(self.params.snapshot()).describe()
+
+    def setup(self) -> None:
+        if self._given_backend is not None:
+            self.backend = self._given_backend
+        else:
+            self.backend = backend_cache.shared_backend(backend_cache.settings_from_params(self.params.snapshot()))
+        self.backend.spec("depth")  # fails early, naming the tasks served, if the model has no depth task
+        self.get_logger().info(f"depth backend ready: {self.backend.describe()}")
+
+    def _depth_estimator(self, values: Dict[str, Any]) -> DepthEstimator:
+        key = (values["depth_kind"], values["max_new_tokens"])
+        if self._estimator is None or key != self._estimator_key:
+            spec = self.backend.spec("depth")
+            if values["depth_kind"] != "spec":
+                spec = spec.with_options(depth_kind=values["depth_kind"])
+            self._estimator = DepthEstimator(self.backend, spec=spec, max_new_tokens=values["max_new_tokens"])
+            self._estimator_key = key
+        return self._estimator
+
+    def process(self, messages: Dict[str, Any]) -> bool:
+        values = self.params.snapshot()
+        image, info = messages["image"], messages["camera_info"]
+        rgb = image_rgb(image)
+        height, width = rgb.shape[:2]
+        check_image_size(width, height, min_side=values["min_image_side"], max_side=values["max_image_side"])
+        intrinsics = intrinsics_for(info, width, height)
+        if not info.header.frame_id:
+            raise FrameRejected("bad_camera_info", "camera_info has an empty frame_id; outputs need the optical frame")
+        reference = None
+        if "reference_depth" in messages:
+            reference = depth_metres(messages["reference_depth"])
+            if reference.shape != (height, width):
+                raise FrameRejected("reference_depth_size", f"reference depth is {reference.shape[1]}x"
+                                    f"{reference.shape[0]} but the image is {width}x{height}")
+        estimator = self._depth_estimator(values)
+        uv = select_query_pixels(rgb, values["query_count"], values["query_margin"], values["query_method"])
+        try:
+            result = estimator.estimate(rgb, intrinsics, uv, reference_depth=reference)
+        except CameraError as exc:
+            raise FrameRejected("bad_camera_info", f"the depth task cannot prepare this camera: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - a model failure must not end the node
+            raise FrameRejected("backend_error", f"{type(exc).__name__}: {exc}") from None
+        failures = result.parse_failures
+        first = next((e for e in result.errors if e is not None and not e.startswith("outside")), None)
+        self.stats.parse_failed(failures, first)
+        valid = result.valid
+        if not valid.any():
+            reason = f"none of {len(uv)} answers could be used" + (f" ({failures} unparseable, e.g. {first})"
+                                                                     if failures else "")
+            self.problem("no_valid_answers", reason, skipped=not values["publish_empty"])
+            if not values["publish_empty"]:
+                return False
+        elif failures and self.throttle.ready("parse_failures"):
+            self.get_logger().warning(f"parse_failures: {failures} of {len(uv)} answers unparseable, e.g. {first}")
+        hdr = header(image.header.stamp, info.header.frame_id)
+        points, uv_ref = result.points[valid], result.uv[valid]
+        colours = None
+        if values["publish_rgb"]:
+            colours = geometry.sample_nearest(rgb, uv_ref, fill=0).astype(np.uint8).reshape(-1, 3)
+        cloud = cloud_msg({"x": points[:, 0], "y": points[:, 1], "z": points[:, 2], "u": uv_ref[:, 0],
+                           "v": uv_ref[:, 1]}, hdr, rgb=colours)
+        depth = image_msg(result.depth_image(width, height), "32FC1", hdr)
+        depth_info = copy.deepcopy(info)
+        depth_info.header = hdr
+        self.points_pub.publish(cloud)
+        self.depth_pub.publish(depth)
+        self.depth_info_pub.publish(depth_info)
+        return True
+
+
+def main(args: Optional[Sequence[str]] = None) -> int:
+    """Run the depth node alone (console script ``depth_node``)."""
+    from .runner import run_nodes
+
+    return run_nodes([DepthNode], args=sys.argv if args is None else list(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""Parameter tables of the nodes, declared with descriptors and validated on every change.
+
+Each parameter is a :class:`Param` (name, default, description, range or choices, read-only
+flag). :func:`declare` declares a table on a node with a ``ParameterDescriptor`` (description,
+``IntegerRange`` / ``FloatingPointRange``, ``read_only`` where a change needs a restart, the
+choices in ``additional_constraints``). :class:`ParameterGuard` validates every later change in an
+on-set-parameters callback: a bad value is rejected with a message naming it and the old value is
+kept; accepted changes are handed to the node.
+
+The tables here are the single source of truth: ``config/perception.yaml`` documents exactly
+these parameters (a test checks that).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType, SetParametersResult
+
+from .qos import RELIABILITY_NAMES
+
+__all__ = [
+    "BACKEND_PARAMS",
+    "DEPTH_NODE_PARAMS",
+    "INPUT_PARAMS",
+    "ODOMETRY_NODE_PARAMS",
+    "Param",
+    "ParameterGuard",
+    "declare",
+    "check_value",
+]
+
+#: Standard optical-frame rotation of a camera looking along base_link's x axis (roll, pitch, yaw).
+OPTICAL_RPY = [-math.pi / 2, 0.0, -math.pi / 2]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter: its default (which fixes its type), documentation and constraints.
+
+    ``range`` is (min, max) inclusive for numbers; ``choices`` the allowed strings; ``check`` an
+    extra test returning an error message (or None) for a candidate value.
+    """
+
+    name: str
+    default: Any
+    description: str
+    read_only: bool = False
+    range: Optional[Tuple[float, float]] = None
+    choices: Tuple[str, ...] = ()
+    check: Optional[Callable[[Any], Optional[str]]] = None
+
+    @property
+    def kind(self) -> str:
+        d = self.default
+        if isinstance(d, bool):
+            return "bool"
+        if isinstance(d, int):
+            return "int"
+        if isinstance(d, float):
+            return "float"
+        if isinstance(d, str):
+            return "str"
+        if isinstance(d, (list, tuple)) and all(isinstance(v, float) for v in d):
+            return "float_array"
+        raise TypeError(f"parameter {self.name}: unsupported default {d!r}")
+
+    def descriptor(self) -> ParameterDescriptor:
+        types = {"bool": ParameterType.PARAMETER_BOOL, "int": ParameterType.PARAMETER_INTEGER,
+                 "float": ParameterType.PARAMETER_DOUBLE, "str": ParameterType.PARAMETER_STRING,
+                 "float_array": ParameterType.PARAMETER_DOUBLE_ARRAY}
+        descriptor = ParameterDescriptor(name=self.name, type=types[self.kind], description=self.description,
+                                         read_only=self.read_only)
+        if self.choices:
+            descriptor.additional_constraints = "one of: " + ", ".join(self.choices)
+        if self.range is not None and self.kind == "int":
+            descriptor.integer_range = [IntegerRange(from_value=int(self.range[0]), to_value=int(self.range[1]), step=1)]
+        elif self.range is not None and self.kind == "float":
+            descriptor.floating_point_range = [
+                FloatingPointRange(from_value=float(self.range[0]), to_value=float(self.range[1]), step=0.0)]
+        return descriptor
+
+
+def check_value(param: Param, value: Any) -> Optional[str]:
+    """Why ``value`` is not acceptable for ``param`` (None if it is)."""
+    kind = param.kind
+    ok_type = {
+        "bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, float),
+        "str": isinstance(value, str),
+        "float_array": isinstance(value, (list, tuple)) and all(isinstance(v, float) for v in value),
+    }[kind]
+    if not ok_type:
+        wanted = {"float": "a float (write 1.0, not 1)", "float_array": "a list of floats"}.get(kind, f"a {kind}")
+        return f"{param.name} must be {wanted}, got {value!r}"
+    if kind == "float" and not math.isfinite(value):
+        return f"{param.name} must be finite, got {value}"
+    if kind == "float_array" and not all(math.isfinite(v) for v in value):
+        return f"{param.name} values must be finite, got {list(value)}"
+    if param.range is not None and not (param.range[0] <= value <= param.range[1]):
+        return f"{param.name} = {value} is outside [{param.range[0]}, {param.range[1]}]"
+    if param.choices and value not in param.choices:
+        return f"{param.name} = {value!r} is not one of {', '.join(param.choices)}"
+    if param.check is not None:
+        return param.check(value)
+    return None
+
+
+def _frame_name(name: str) -> Callable[[Any], Optional[str]]:
+    def check(value: str) -> Optional[str]:
+        if value.startswith("/") or any(c.isspace() for c in value):
+            return f"{name} {value!r} is not a valid TF frame id (no leading '/', no spaces)"
+        return None
+    return check
+
+
+def _required_frame(name: str) -> Callable[[Any], Optional[str]]:
+    def check(value: str) -> Optional[str]:
+        if not value:
+            return f"{name} must not be empty"
+        return _frame_name(name)(value)
+    return check
+
+
+def _vector(name: str, lengths: Sequence[int]) -> Callable[[Any], Optional[str]]:
+    def check(value: Sequence[float]) -> Optional[str]:
+        if len(value) not in lengths:
+            return f"{name} needs {' or '.join(map(str, lengths))} values, got {len(value)}"
+        if len(value) == 4 and abs(math.sqrt(sum(v * v for v in value)) - 1.0) > 1e-3:
+            return f"{name} as a quaternion (x, y, z, w) must have unit norm, got {list(value)}"
+        return None
+    return check
+
+
+# ------------------------------------------------------------------------------------------------
+# Tables
+# ------------------------------------------------------------------------------------------------
+
+BACKEND_PARAMS: Tuple[Param, ...] = (
+    Param("backend", "transformers", "Inference backend: transformers (a Qwen3-VL checkpoint in process) or "
+          "oracle (answers from the reference depth / pose topics, for validation).", read_only=True,
+          choices=("transformers", "oracle")),
+    Param("model", "", "Checkpoint directory or hub id for the transformers backend (a checkpoint serving "
+          "several tasks is loaded once per process).", read_only=True),
+    Param("adapter", "", "Optional LoRA adapter directory merged into the model at load.", read_only=True),
+    Param("device", "auto", "Torch device: auto (CUDA when available), cpu, cuda, cuda:N.", read_only=True),
+    Param("dtype", "auto", "Model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16.",
+          read_only=True, choices=("auto", "float32", "bfloat16", "float16")),
+    Param("max_batch", 64, "Questions decoded together at most (bounds memory).", read_only=True, range=(1, 4096)),
+    Param("offline", True, "Resolve hub ids from the local cache only (never download).", read_only=True),
+    Param("max_new_tokens", 48, "Tokens generated per answer at most.", range=(1, 4096)),
+)
+
+INPUT_PARAMS: Tuple[Param, ...] = (
+    Param("input_reliability", "best_available", "Reliability of the input subscriptions: best_available "
+          "(adapts to the publisher; best_effort on rclpy before Iron), reliable, best_effort, system_default.",
+          read_only=True, choices=RELIABILITY_NAMES),
+    Param("input_depth", 2, "Queue depth of the input subscriptions.", read_only=True, range=(1, 5)),
+    Param("output_reliability", "reliable", "Reliability of the output publishers.", read_only=True,
+          choices=RELIABILITY_NAMES),
+    Param("output_depth", 5, "Queue depth of the output publishers.", read_only=True, range=(1, 100)),
+    Param("compressed_input", False, "Subscribe to sensor_msgs/CompressedImage on image/compressed instead of "
+          "sensor_msgs/Image on image.", read_only=True),
+    Param("sync_tolerance", 0.0, "Largest stamp difference (s) between messages paired into one frame "
+          "(0: exact stamps).", range=(0.0, 1.0)),
+    Param("sync_expiry", 1.0, "Unpaired messages older than this (s, message time) behind the newest are "
+          "dropped and counted.", range=(0.001, 60.0)),
+    Param("max_image_side", 16384, "Images wider or taller than this (px) are rejected and counted.",
+          range=(16, 16384)),
+    Param("min_image_side", 16, "Images narrower or shorter than this (px) are rejected and counted.",
+          range=(1, 4096)),
+    Param("diagnostics_period", 1.0, "Seconds between /diagnostics messages.", read_only=True, range=(0.05, 60.0)),
+    Param("warn_throttle", 5.0, "Seconds between repeated warnings of one kind.", range=(0.0, 3600.0)),
+)
+
+QUERY_PARAMS: Tuple[Param, ...] = (
+    Param("query_count", 64, "Number of query pixels per frame (about this many on a grid).", range=(1, 4096)),
+    Param("query_margin", 0.05, "Border left out of the query pixels, as a fraction of the image size.",
+          range=(0.0, 0.45)),
+    Param("query_method", "grid", "Query pixels: grid (regular) or features (corners, filled up with the grid).",
+          choices=("grid", "features")),
+)
+
+DEPTH_NODE_PARAMS: Tuple[Param, ...] = BACKEND_PARAMS + INPUT_PARAMS + QUERY_PARAMS + (
+    Param("depth_kind", "spec", "What a depth answer measures: spec (as the checkpoint's task spec says; ray "
+          "for VLM3), ray (distance from the camera centre) or z (along the optical axis).",
+          choices=("spec", "ray", "z")),
+    Param("publish_rgb", False, "Add a packed rgb field (the image colour at each point) to the cloud."),
+    Param("publish_empty", True, "Publish an empty cloud and an all-NaN depth image when no answer of a frame "
+          "can be used (otherwise nothing is published for that frame)."),
+)
+
+ODOMETRY_NODE_PARAMS: Tuple[Param, ...] = BACKEND_PARAMS + INPUT_PARAMS + QUERY_PARAMS + (
+    Param("correspondence_model", "", "Checkpoint for the correspondence task (empty: model).", read_only=True),
+    Param("depth_model", "", "Checkpoint for the depth answers used by PnP (empty: model).", read_only=True),
+    Param("mode", "both", "Relative pose from: pose (the VLM3 pose questions), correspondence (correspondence "
+          "questions + depth -> PnP) or both (fused). Changing it restarts the trajectory.",
+          choices=("pose", "correspondence", "both")),
+    Param("keyframe_interval", 1, "Frames measured against one keyframe before the current frame becomes the "
+          "next keyframe (1: consecutive frames).", range=(1, 1000)),
+    Param("min_inliers", 8, "Fewest PnP inliers accepted.", range=(4, 4096)),
+    Param("ransac_px", 3.0, "PnP RANSAC inlier threshold (pixels of the focal-unified image).", range=(0.1, 100.0)),
+    Param("fusion_gate", 22.46, "Squared Mahalanobis distance above which pose and PnP estimates are not "
+          "averaged (the more certain one is kept); 22.46 is chi-square 99.9 % for 6 dof.", range=(0.1, 1e9)),
+    Param("noise.rotation_deg", 2.0, "Pose answers: 1-sigma rotation error per axis (degrees).", range=(1e-3, 90.0)),
+    Param("noise.direction_deg", 5.0, "Pose answers: 1-sigma translation direction error (degrees).",
+          range=(1e-3, 90.0)),
+    Param("noise.distance_rel", 0.1, "Pose answers: 1-sigma relative distance error.", range=(1e-4, 10.0)),
+    Param("noise.translation_floor_m", 0.005, "Pose answers: isotropic translation sigma floor (m).",
+          range=(1e-5, 10.0)),
+    Param("noise.pixel_sigma", 1.0, "PnP: lower bound of the reprojection sigma (pixels).", range=(1e-3, 100.0)),
+    Param("noise.depth_rel", 0.05, "PnP: relative scale error of the answered depths.", range=(1e-4, 10.0)),
+    Param("noise.lost_variance", 0.01, "Variance added per frame while the pose cannot be measured.",
+          range=(1e-9, 100.0)),
+    Param("publish_tf", True, "Broadcast odom_frame -> base_frame on /tf."),
+    Param("odom_frame", "odom", "Odometry frame id (REP-105).", check=_required_frame("odom_frame")),
+    Param("base_frame", "base_link", "Robot base frame id (REP-105).", check=_required_frame("base_frame")),
+    Param("camera_frame", "", "Camera optical frame id; empty: the CameraInfo's frame_id.",
+          check=_frame_name("camera_frame")),
+    Param("extrinsic_xyz", [0.0, 0.0, 0.0], "Static base_frame -> camera optical frame translation (m), used "
+          "when TF does not provide it.", check=_vector("extrinsic_xyz", (3,))),
+    Param("extrinsic_rotation", list(OPTICAL_RPY), "Static base_frame -> camera optical frame rotation: roll, "
+          "pitch, yaw (rad, fixed axes) or a quaternion x, y, z, w. Default: the optical frame of a camera "
+          "looking along base_frame's x axis.", check=_vector("extrinsic_rotation", (3, 4))),
+    Param("extrinsic_from_tf", True, "Look base_frame -> camera frame up in TF when tf2_ros is available "
+          "(falls back to the configured extrinsic while TF has none)."),
+    Param("publish_extrinsic", False, "Publish the configured extrinsic on /tf_static (when nothing else, "
+          "e.g. robot_state_publisher, does)."),
+    Param("publish_on_failure", True, "When a frame's relative pose cannot be measured, publish the held pose "
+          "(covariance growing by noise.lost_variance) instead of nothing."),
+    Param("publish_debug_image", False, "Publish correspondences/image: keyframe and current frame side by "
+          "side with the correspondences drawn (inliers green)."),
+)
+
+TABLES: Dict[str, Tuple[Param, ...]] = {"depth_node": DEPTH_NODE_PARAMS, "odometry_node": ODOMETRY_NODE_PARAMS}
+
+
+# ------------------------------------------------------------------------------------------------
+# Declaration and validation on a node
+# ------------------------------------------------------------------------------------------------
+
+
+def declare(node: Any, table: Iterable[Param]) -> Dict[str, Any]:
+    """Declare ``table`` on ``node``; return the current values. Raises ValueError for bad values."""
+    values: Dict[str, Any] = {}
+    problems: List[str] = []
+    for param in table:
+        value = node.declare_parameter(param.name, param.default, param.descriptor()).value
+        if param.kind == "float_array":
+            value = list(value)
+        error = check_value(param, value)
+        if error:
+            problems.append(error)
+        values[param.name] = value
+    if problems:
+        raise ValueError("invalid parameters: " + "; ".join(problems))
+    return values
+
+
+class ParameterGuard:
+    """Validates parameter changes on a node and keeps a thread-safe snapshot of the values.
+
+    ``validate(values) -> error | None`` checks a complete candidate set (cross-parameter rules);
+    ``on_change(names)`` is called after a change was accepted.
+    """
+
+    def __init__(self, node: Any, table: Iterable[Param], values: Mapping[str, Any], *,
+                 validate: Optional[Callable[[Dict[str, Any]], Optional[str]]] = None,
+                 on_change: Optional[Callable[[List[str]], None]] = None) -> None:
+        self.table = {p.name: p for p in table}
+        self._values = dict(values)
+        self._lock = threading.Lock()
+        self._validate = validate
+        self._on_change = on_change
+        self.rejected = 0
+        self.last_rejection: Optional[str] = None
+        error = validate(dict(values)) if validate else None
+        if error:
+            raise ValueError(f"invalid parameters: {error}")
+        node.add_on_set_parameters_callback(self._on_set)
+
+    def snapshot(self) -> Dict[str, Any]:
+        """A copy of the current values."""
+        with self._lock:
+            return dict(self._values)
+
+    def __getitem__(self, name: str) -> Any:
+        with self._lock:
+            return self._values[name]
+
+    def _on_set(self, parameters: List[Any]) -> SetParametersResult:
+        with self._lock:
+            candidate = dict(self._values)
+        changed: List[str] = []
+        for parameter in parameters:
+            param = self.table.get(parameter.name)
+            if param is None:
+                continue  # not ours (use_sim_time, qos overrides...)
+            value = parameter.value
+            if param.kind == "float_array" and not isinstance(value, (str, bytes)) and hasattr(value, "__iter__"):
+                value = list(value)  # rclpy hands double arrays over as array.array('d')
+            if param.read_only and value != candidate[param.name]:
+                return self._reject(f"{param.name} is read-only (it takes effect only at start)")
+            error = check_value(param, value)
+            if error:
+                return self._reject(error)
+            candidate[param.name] = value
+            changed.append(param.name)
+        if changed and self._validate is not None:
+            error = self._validate(dict(candidate))
+            if error:
+                return self._reject(error)
+        with self._lock:
+            self._values = candidate
+        if changed and self._on_change is not None:
+            self._on_change(changed)
+        return SetParametersResult(successful=True)
+
+    def _reject(self, reason: str) -> SetParametersResult:
+        self.rejected += 1
+        self.last_rejection = reason
+        return SetParametersResult(successful=False, reason=reason)
