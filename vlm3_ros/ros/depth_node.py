@@ -36,8 +36,7 @@ from ..engine import Backend
 from ..odometry import select_query_pixels
 from ..pipeline import DepthEstimator
 from . import backends as backend_cache
-from .conversions import FrameRejected, check_image_size, cloud_msg, depth_metres, header, image_msg, image_rgb, \
-    intrinsics_for
+from .conversions import FrameRejected, cloud_msg, depth_metres, header, image_msg
 from .node_base import PerceptionNode
 from .params import DEPTH_NODE_PARAMS
 
@@ -92,10 +91,8 @@ class DepthNode(PerceptionNode):
     def process(self, messages: Dict[str, Any]) -> bool:
         values = self.params.snapshot()
         image, info = messages["image"], messages["camera_info"]
-        rgb = image_rgb(image)
+        rgb, intrinsics = self.decode_frame(messages, values)
         height, width = rgb.shape[:2]
-        check_image_size(width, height, min_side=values["min_image_side"], max_side=values["max_image_side"])
-        intrinsics = intrinsics_for(info, width, height)
         if not info.header.frame_id:
             raise FrameRejected("bad_camera_info", "camera_info has an empty frame_id; outputs need the optical frame")
         reference = None

@@ -18,7 +18,8 @@ from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
-from .conversions import FrameRejected, stamp_ns
+from ..camera import Intrinsics
+from .conversions import FrameRejected, check_image_size, image_rgb, intrinsics_for, stamp_ns
 from .diagnostics import NodeStats, Throttle
 from .params import Param, ParameterGuard, declare
 from .qos import stream_qos
@@ -103,6 +104,23 @@ class PerceptionNode(Node):
     def destroy_node(self) -> None:
         self.worker.stop(timeout=2.0)
         super().destroy_node()
+
+    # -- helpers for process() -------------------------------------------------------------------
+
+    def decode_frame(self, messages: Dict[str, Any], values: Dict[str, Any]) -> Tuple[Any, Intrinsics]:
+        """The paired image as RGB and its intrinsics, after the size and calibration checks.
+
+        Raises :class:`FrameRejected`: ``image_size`` (outside min/max_image_side, checked before
+        decoding), ``bad_image``, ``camera_info_size``, ``bad_camera_info``.
+        """
+        image, info = messages["image"], messages["camera_info"]
+        limits = {"min_side": values["min_image_side"], "max_side": values["max_image_side"]}
+        if hasattr(image, "encoding"):
+            check_image_size(int(image.width), int(image.height), **limits)
+        rgb = image_rgb(image)
+        height, width = rgb.shape[:2]
+        check_image_size(width, height, **limits)
+        return rgb, intrinsics_for(info, width, height)
 
     # -- plumbing --------------------------------------------------------------------------------
 

@@ -44,8 +44,8 @@ from ..odometry import NoiseModel, OdometryConfig, OdometryError, OdometryFrame,
     xyz_rotation_to_pose
 from ..pipeline import CorrespondenceMatcher, DepthEstimator, PoseEstimator
 from . import backends as backend_cache
-from .conversions import FrameRejected, check_image_size, depth_metres, header, image_msg, image_rgb, \
-    intrinsics_for, odometry_msg, pose_matrix, stamp_seconds, transform_msg
+from .conversions import FrameRejected, depth_metres, header, image_msg, odometry_msg, pose_matrix, stamp_seconds, \
+    transform_msg
 from .node_base import PerceptionNode
 from .params import ODOMETRY_NODE_PARAMS
 from .tf import ExtrinsicSource, TfBroadcaster
@@ -183,10 +183,8 @@ class OdometryNode(PerceptionNode):
     def process(self, messages: Dict[str, Any]) -> bool:
         values = self.params.snapshot()
         image, info = messages["image"], messages["camera_info"]
-        rgb = image_rgb(image)
+        rgb, intrinsics = self.decode_frame(messages, values)
         height, width = rgb.shape[:2]
-        check_image_size(width, height, min_side=values["min_image_side"], max_side=values["max_image_side"])
-        intrinsics = intrinsics_for(info, width, height)
         camera_frame = values["camera_frame"] or info.header.frame_id
         if not camera_frame:
             raise FrameRejected("bad_camera_info", "camera_info has an empty frame_id and camera_frame is not set")

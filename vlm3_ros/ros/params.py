@@ -248,8 +248,14 @@ def declare(node: Any, table: Iterable[Param]) -> Dict[str, Any]:
     """Declare ``table`` on ``node``; return the current values. Raises ValueError for bad values."""
     values: Dict[str, Any] = {}
     problems: List[str] = []
+    from rclpy.exceptions import ParameterException
+
     for param in table:
-        value = node.declare_parameter(param.name, param.default, param.descriptor()).value
+        try:
+            value = node.declare_parameter(param.name, param.default, param.descriptor()).value
+        except ParameterException as exc:  # an override of the wrong type or out of range
+            problems.append(f"{param.name}: {exc}")
+            continue
         if param.kind == "float_array":
             value = list(value)
         error = check_value(param, value)
