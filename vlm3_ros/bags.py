@@ -30,7 +30,7 @@ from typing import Any, Collection, Dict, Iterator, List, Mapping, NamedTuple, O
 import numpy as np
 
 from . import msg_codec
-from .camera import CameraError, Intrinsics
+from .camera import Intrinsics
 from .geometry import GeometryError, make_pose, orthonormalize
 
 __all__ = [
@@ -298,7 +298,8 @@ class RgbdBagWriter:
     def _header(self, stamp_ns: int, frame_id: str) -> Any:
         T = self.store.types
         sec, nanosec = _split_stamp(stamp_ns)
-        return T["std_msgs/msg/Header"](stamp=T["builtin_interfaces/msg/Time"](sec=sec, nanosec=nanosec), frame_id=frame_id)
+        stamp = T["builtin_interfaces/msg/Time"](sec=sec, nanosec=nanosec)
+        return T["std_msgs/msg/Header"](stamp=stamp, frame_id=frame_id)
 
     def _image(self, stamp_ns: int, array: np.ndarray, encoding: str) -> Any:
         fields = msg_codec.encode_image(array, encoding)
@@ -321,7 +322,8 @@ class RgbdBagWriter:
         if depth.ndim != 2 or depth.dtype.kind != "f":
             raise BagError(f"depth_m must be a 2D float array in metres, got {depth.dtype} {depth.shape}")
         if shape is not None and depth.shape != shape:
-            raise BagError(f"depth image {depth.shape[1]}x{depth.shape[0]} differs from the camera's {shape[1]}x{shape[0]}")
+            raise BagError(f"depth image {depth.shape[1]}x{depth.shape[0]} differs from the camera's "
+                           f"{shape[1]}x{shape[0]}")
         valid = np.isfinite(depth) & (depth > 0)
         if self.depth_encoding == "32FC1":
             return np.where(valid, depth, np.nan).astype(np.float32)
@@ -385,7 +387,8 @@ class RgbdBagWriter:
             shape = shape or rgb.shape[:2]
             messages.append((self.topics["image"], _TYPES["image"], self._image(stamp_ns, rgb, "rgb8")))
         if intrinsics is not None:
-            messages.append((self.topics["camera_info"], _TYPES["camera_info"], self._camera_info(stamp_ns, intrinsics)))
+            info = self._camera_info(stamp_ns, intrinsics)
+            messages.append((self.topics["camera_info"], _TYPES["camera_info"], info))
         if depth_m is not None:
             depth = self._depth_array(depth_m, shape)
             messages.append((self.topics["depth"], _TYPES["depth"], self._image(stamp_ns, depth, self.depth_encoding)))
@@ -394,13 +397,15 @@ class RgbdBagWriter:
             tx, ty, tz, quat = self._pose_parts(T_w_c)
             pose = types["geometry_msgs/msg/Pose"](position=types["geometry_msgs/msg/Point"](x=tx, y=ty, z=tz),
                                                    orientation=quat)
-            messages.append((self.topics["pose"], _TYPES["pose"],
-                             types["geometry_msgs/msg/PoseStamped"](header=self._header(stamp_ns, self.world_frame), pose=pose)))
+            stamped_pose = types["geometry_msgs/msg/PoseStamped"](header=self._header(stamp_ns, self.world_frame),
+                                                                  pose=pose)
+            messages.append((self.topics["pose"], _TYPES["pose"], stamped_pose))
             if self.tf_topic is not None:
                 transform = types["geometry_msgs/msg/Transform"](
                     translation=types["geometry_msgs/msg/Vector3"](x=tx, y=ty, z=tz), rotation=quat)
                 stamped = types["geometry_msgs/msg/TransformStamped"](
-                    header=self._header(stamp_ns, self.world_frame), child_frame_id=self.camera_frame, transform=transform)
+                    header=self._header(stamp_ns, self.world_frame), child_frame_id=self.camera_frame,
+                    transform=transform)
                 messages.append((self.tf_topic, _TYPES["tf"], types["tf2_msgs/msg/TFMessage"](transforms=[stamped])))
         for topic, msgtype, msg in messages:
             self.write(topic, msgtype, stamp_ns, msg)
@@ -547,7 +552,8 @@ def bag_info(path: PathLike) -> Dict[str, Any]:
     (topic -> ``{"type", "count"}``)."""
     reader = _open_reader(path)
     try:
-        topics = {name: {"type": info.msgtype, "count": int(info.msgcount)} for name, info in sorted(reader.topics.items())}
+        topics = {name: {"type": info.msgtype, "count": int(info.msgcount)}
+                  for name, info in sorted(reader.topics.items())}
         count = int(reader.message_count)
         start = int(reader.start_time) if count else 0
         # rosbags reports the end as one nanosecond after the last message.

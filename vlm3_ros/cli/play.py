@@ -56,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(a node subscribed to 3 of them counts 3)")
     parser.add_argument("--wait-timeout", type=float, default=60.0, metavar="S",
                         help="give up waiting for subscribers after S seconds (exit 1; default 60)")
-    parser.add_argument("--node-name", default=DEFAULT_NODE_NAME, help=f"player node name (default {DEFAULT_NODE_NAME})")
+    parser.add_argument("--node-name", default=DEFAULT_NODE_NAME,
+                        help=f"player node name (default {DEFAULT_NODE_NAME})")
     parser.add_argument("--quiet", action="store_true", help="print only warnings and errors")
 
 
@@ -153,7 +154,8 @@ def _play(args: argparse.Namespace) -> int:
         node = rclpy.create_node(args.node_name, context=context)
         executor = SingleThreadedExecutor(context=context)
         executor.add_node(node)
-        reliability = ReliabilityPolicy.RELIABLE if args.qos_reliability == "reliable" else ReliabilityPolicy.BEST_EFFORT
+        reliability = (ReliabilityPolicy.RELIABLE if args.qos_reliability == "reliable"
+                       else ReliabilityPolicy.BEST_EFFORT)
         publishers = {}
         for topic, cls in classes.items():
             durable = topic == "/tf_static"
@@ -168,7 +170,9 @@ def _play(args: argparse.Namespace) -> int:
             except ImportError:
                 _warn("rosgraph_msgs is not installed: no /clock")
             else:
-                clock_pub = node.create_publisher(clock_cls, "/clock", QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE))
+                # reliable: matches reliable and best-effort (rclpy's time source) subscriptions alike
+                clock_qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
+                clock_pub = node.create_publisher(clock_cls, "/clock", clock_qos)
 
         paused = threading.Event()
         if args.start_paused:
@@ -235,7 +239,8 @@ def _play(args: argparse.Namespace) -> int:
         if args.delay > 0:
             idle(args.delay, start_ns)
         if paused.is_set() and not stop.is_set():
-            _log(args, f"paused before the first message; resume with Enter or a false on {node.get_fully_qualified_name()}/pause")
+            _log(args, "paused before the first message; resume with Enter or a false on "
+                       f"{node.get_fully_qualified_name()}/pause")
 
         checked: Dict[str, bool] = {}
         played = 0
@@ -273,7 +278,8 @@ def _play(args: argparse.Namespace) -> int:
                         checked[topic] = True
                     except Exception as exc:  # the bag's definition does not fit the installed type
                         checked[topic] = False
-                        _warn(f"skipping {topic}: its {message.msgtype} data does not decode as the installed type ({exc})")
+                        _warn(f"skipping {topic}: its {message.msgtype} data does not decode as the installed "
+                              f"type ({exc})")
                 if not checked[topic]:
                     continue
                 publish_clock(message.log_time_ns)
