@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import struct
 import tempfile
 import weakref
 from collections import defaultdict
@@ -669,9 +670,7 @@ def _raw_header_stamp(data: bytes) -> Optional[int]:
     """Header stamp of a CDR message whose first field is ``std_msgs/Header`` (None if damaged)."""
     if len(data) < 12 or data[0] != 0 or data[1] not in (0, 1):
         return None
-    order = "<" if data[1] == 1 else ">"
-    sec, nanosec = np.frombuffer(data, dtype=np.dtype(f"{order}i4"), count=1, offset=4)[0], \
-        np.frombuffer(data, dtype=np.dtype(f"{order}u4"), count=1, offset=8)[0]
+    sec, nanosec = struct.unpack_from("<iI" if data[1] == 1 else ">iI", data, 4)
     if nanosec >= 1_000_000_000:
         return None
     return int(sec) * 1_000_000_000 + int(nanosec)
