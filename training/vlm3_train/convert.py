@@ -42,7 +42,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -734,10 +734,23 @@ class _Stats:
 
 
 def _first_message(bag: Path, topic: str) -> Any:
+    """The first message of a topic that decodes, or None."""
     from vlm3_ros import bags
 
-    for message in bags.read_messages(bag, [topic]):
-        return message
+    try:
+        for message in bags.read_messages(bag, [topic]):
+            return message
+    except bags.BagError:
+        # A damaged message: look further through the raw messages.
+        reader_store = bags.typestore()
+        for raw in bags.read_raw(bag, [topic]):
+            try:
+                msg = reader_store.deserialize_cdr(raw.data, raw.msgtype)
+            except Exception:
+                continue
+            stamp = getattr(getattr(msg, "header", None), "stamp", None)
+            stamp_ns = raw.log_time_ns if stamp is None else int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+            return bags.BagMessage(raw.topic, raw.msgtype, stamp_ns, msg)
     return None
 
 
@@ -758,7 +771,8 @@ class _BagReader:
             if topics.get(role) not in present:
                 raise ConvertError(f"bag {bag} has no {role} topic {topics.get(role)}; it has {', '.join(sorted(present))}")
         camera_msg = _first_message(bag, topics["camera_info"])
-        self.camera_frame = (options.camera_frame or str(camera_msg.msg.header.frame_id)).lstrip("/")
+        frame_id = str(camera_msg.msg.header.frame_id) if camera_msg is not None else ""
+        self.camera_frame = (options.camera_frame or frame_id).lstrip("/")
         self.tf: Optional[TfBuffer] = None
 
         # Depth source.
@@ -790,8 +804,13 @@ class _BagReader:
         if self.depth_source == "cloud" or self.pose_source == "tf" or \
                 (self.pose_source == "topic" and options.pose_child_frame):
             self.tf = _read_tf(bag, options.tolerance_ns)
+        if (self.depth_source == "cloud" or self.pose_source == "tf") and not self.camera_frame:
+            raise ConvertError(f"bag {bag}: the camera frame is unknown (no readable camera info frame_id); "
+                               "pass camera_frame (--camera-frame)")
         if self.pose_source == "topic":
             first = _first_message(bag, topics["pose"])
+            if first is None:
+                raise ConvertError(f"bag {bag}: no readable message on the pose topic {topics['pose']}")
             child = options.pose_child_frame or str(getattr(first.msg, "child_frame_id", "") or "") or self.camera_frame
             child = child.lstrip("/")
             if child != self.camera_frame:
@@ -998,8 +1017,8 @@ def _bag_rows(bag_index: int, bag: Path, split_of_bag: Optional[str], options: C
             if q:
                 yield _count(stats, "depth", split, _row("depth", [frame], [prep], q, a, t, source))
             else:
-                stats.skip("frames_out_of_range", f"{bag}: frame {ordinal} at {stamp}: no labelled pixel in "
-                           f"[{options.min_depth}, {options.max_depth}] m inside the margin")
+                stats.skip("frames_out_of_range", f"{bag}: frame {ordinal} at {stamp}: no pixel with a label in the "
+                           f"depth range [{options.min_depth}, {options.max_depth}] m inside the margin")
 
         # Pairs ending at this frame.
         if frame.T_w_c is not None:
