@@ -228,9 +228,14 @@ def run(command: Sequence[str], step: str, *, env: Optional[Dict[str, str]] = No
     """Run a command, log its output, print a heartbeat; raise SetupError on failure."""
     command = [str(part) for part in command]
     say(f"  $ {' '.join(command)}")
-    log_dir = LOG_DIR if VENV.exists() else Path(tempfile.gettempdir())
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log = log_dir / f"{log_name or step}.log"
+    temporary_log = not VENV.exists()  # before the venv exists its log lives in /tmp
+    if temporary_log:
+        handle_number, name = tempfile.mkstemp(prefix=f"vlm3-setup-{log_name or step}-", suffix=".log")
+        os.close(handle_number)
+        log = Path(name)
+    else:
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        log = LOG_DIR / f"{log_name or step}.log"
     start = time.monotonic()
     with open(log, "w", encoding="utf-8", errors="replace") as handle:
         handle.write(f"$ {' '.join(command)}\n")
@@ -254,6 +259,8 @@ def run(command: Sequence[str], step: str, *, env: Optional[Dict[str, str]] = No
     output = log.read_text(encoding="utf-8", errors="replace")
     if code != 0:
         raise SetupError(f"command exited with status {code}", command, log, tail_of(output))
+    if temporary_log:
+        log.unlink()
     return output
 
 
