@@ -178,6 +178,17 @@ def test_same_seed_same_dataset(synthetic, tmp_path):
     assert [r["targets"] for r in rows_of(again.path, "depth")] == first
 
 
+def test_in_memory_frames_give_the_same_samples_as_their_bag(synthetic, tmp_path):
+    seq, _, result = synthetic
+    options = cv.ConvertOptions(tasks=("depth",), points_per_image=10, seed=1)
+    memory = cv.convert_frames({"scene": seq.rgbd_frames()}, tmp_path / "memory", options, progress=False)
+    assert [r["targets"] for r in rows_of(memory.path)] == [r["targets"] for r in rows_of(result.path, "depth")]
+    assert [r["questions"] for r in rows_of(memory.path)] == [r["questions"] for r in rows_of(result.path, "depth")]
+    assert json.loads(rows_of(memory.path)[0]["meta"])["source"] == "scene"
+    first = next(cv.iter_samples(seq.rgbd_frames()[:1], options))
+    assert first["targets"] == rows_of(result.path, "depth")[0]["targets"] and first["task"] == "depth"
+
+
 def test_covisibility_of_known_motions():
     seq = syn.generate_sequence(seed=3, frames=2, intrinsics=CAM, supersample=1)
     frame = seq.frame(0)

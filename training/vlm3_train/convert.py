@@ -59,6 +59,8 @@ __all__ = [
     "TASK_NAMES",
     "TfBuffer",
     "convert_bags",
+    "convert_frames",
+    "iter_samples",
     "correspondence_targets",
     "covisibility",
     "dataset_features",
@@ -544,14 +546,15 @@ def _margin_mask(width: int, height: int, margin: float) -> Tuple[slice, slice]:
     return slice(my, max(height - my, my)), slice(mx, max(width - mx, mx))
 
 
-def _text_coords(uv: np.ndarray, width: int, height: int, scale: int) -> np.ndarray:
-    """``protocol.normalize_point`` for many pixels (the same rounding, half to even)."""
-    return np.stack([np.round(uv[:, 0] / width * scale), np.round(uv[:, 1] / height * scale)], axis=1).astype(np.int64)
-
-
-def _referenced(text: np.ndarray, width: int, height: int, scale: int) -> np.ndarray:
-    """Prepared pixel coordinates the text coordinates refer to (``protocol.denormalize_point``)."""
-    return text.astype(np.float64) / scale * (width, height)
+def _point_text(cols: np.ndarray, rows: np.ndarray, width: int, height: int,
+                scale: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Text coordinates of the chosen pixels (:func:`vlm3_ros.protocol.normalize_point`) and the
+    prepared positions they refer to (:func:`vlm3_ros.protocol.denormalize_point`)."""
+    text = np.array([protocol.normalize_point(float(c), float(r), width, height, scale) for c, r in zip(cols, rows)],
+                    dtype=np.int64).reshape(-1, 2)
+    ref = np.array([protocol.denormalize_point(nx, ny, width, height, scale) for nx, ny in text],
+                   dtype=np.float64).reshape(-1, 2)
+    return text, ref
 
 
 def _axis_refs(size: int, scale: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -616,8 +619,7 @@ def depth_targets(prepared: PreparedImage, depth_prepared: np.ndarray, spec: Tas
     if idx.size == 0:
         return [], [], {}, counts
     pick = rng.choice(idx, size=min(k, idx.size), replace=False)
-    ref = np.stack([ref_x[cols[pick]], ref_y[rows[pick]]], axis=1)
-    text = _text_coords(ref, W, H, scale)
+    text, ref = _point_text(cols[pick], rows[pick], W, H, scale)
     questions = [protocol.depth_question(int(nx), int(ny), spec) for nx, ny in text]
     answers = [protocol.format_depth_answer(float(v), spec) for v in values[pick]]
     targets = {"values": [round(float(v), 6) for v in values[pick]], "kind": kind,
@@ -664,7 +666,7 @@ def correspondence_targets(prep1: PreparedImage, depth1: np.ndarray, prep2: Prep
         return [], [], {}
     pick = np.asarray(chosen)
     uv2 = uv2_all[pick]
-    text = _text_coords(ref[pick], i1.width, i1.height, scale)
+    text, _ = _point_text(cols[pick], rows[pick], i1.width, i1.height, scale)
     norm2 = (uv2 + 0.0) / (i2.width, i2.height) * scale
     questions = [protocol.correspondence_question(int(nx), int(ny), think=think, spec=spec) for nx, ny in text]
     answers = [protocol.format_correspondence_answer(float(x), float(y), spec) for x, y in norm2]
@@ -969,56 +971,68 @@ def _row(task: str, frames: Sequence[_Frame], preps: Sequence[Tuple[PreparedImag
 
 def _bag_rows(bag_index: int, bag: Path, split_of_bag: Optional[str], options: ConvertOptions, stats: _Stats,
               bag_summaries: List[Dict[str, Any]], progress: bool) -> Iterator[Dict[str, Any]]:
-    specs = options.specs or {}
-    tasks = options.tasks
-    pair_tasks = [t for t in ("correspondence", "pose") if t in tasks]
+    pair_tasks = [t for t in ("correspondence", "pose") if t in options.tasks]
     reader = _BagReader(bag, options, stats, needs_pose=bool(pair_tasks))
     if pair_tasks and reader.pose_source == "none":
         stats.skip("bags_without_poses", f"{bag}: no pose topic or TF; {', '.join(pair_tasks)} samples skipped")
     if reader.depth_source == "none":
         stats.skip("bags_without_depth", f"{bag}: no depth topic {reader.topics.get('depth') or ''} or cloud; "
                    "nothing to label")
-    total = len(reader.frames)
-    val_from = total if split_of_bag is None else (0 if split_of_bag == "val" else total)
+    frames = ((stamp, f.rgb, f.intrinsics, depth, pose) for stamp, f, depth, pose in reader)
+    yield from _frame_rows(frames, len(reader.frames), str(bag), bag.name, bag_index, split_of_bag, options, stats,
+                           progress, poses_expected=reader.pose_source != "none")
+    bag_summaries.append(reader.finish())
+
+
+def _frame_rows(frames: Iterable[Tuple[int, np.ndarray, Intrinsics, Optional[np.ndarray], Optional[np.ndarray]]],
+                total: Optional[int], source: str, label: str, source_index: int, split_of_source: Optional[str],
+                options: ConvertOptions, stats: _Stats, progress: bool,
+                poses_expected: bool = True) -> Iterator[Dict[str, Any]]:
+    """Rows of every task from a stream of ``(stamp_ns, rgb, intrinsics, depth z or None, T_w_c or None)``."""
+    specs = options.specs or {}
+    tasks = options.tasks
+    pair_tasks = [t for t in ("correspondence", "pose") if t in tasks]
+    val_from = math.inf if split_of_source != "val" else 0
     if options.split == "frame":
+        if total is None:
+            raise ConvertError("a split by frame needs the number of frames of each source")
         val_from = int(round(total * (1.0 - options.val_fraction)))
     gaps = {"correspondence": options.correspondence_gaps, "pose": options.pose_gaps}
     max_gap = max([max(gaps[t]) for t in pair_tasks] or [0]) * options.frame_stride
     window: deque = deque()
-    iterator: Iterable = reader
+    iterator: Iterable = frames
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(reader, total=total, desc=bag.name, unit="frame", leave=False, file=sys.stderr)
-    source = str(bag)
-    for ordinal, (stamp, msg_frame, depth, pose) in enumerate(iterator):
+        iterator = tqdm(frames, total=total, desc=label, unit="frame", leave=False, file=sys.stderr)
+    for ordinal, (stamp, rgb, intrinsics, depth, pose) in enumerate(iterator):
         stats.counts["frames_read"] += 1
         if ordinal % options.frame_stride:
             continue
         split = "val" if ordinal >= val_from else "train"
         if depth is None:
-            stats.skip("frames_without_depth", f"{bag}: frame {ordinal} at {stamp} has no depth")
+            stats.skip("frames_without_depth", f"{source}: frame {ordinal} at {stamp} has no depth")
             continue
-        if pose is None and reader.pose_source != "none":
-            stats.skip("frames_without_pose", f"{bag}: frame {ordinal} at {stamp} has no pose")
+        if pose is None and poses_expected:
+            stats.skip("frames_without_pose", f"{source}: frame {ordinal} at {stamp} has no pose")
         if not (np.isfinite(depth) & (depth > 0)).any():
-            stats.skip("frames_without_valid_depth", f"{bag}: frame {ordinal} at {stamp}: no valid depth")
+            stats.skip("frames_without_valid_depth", f"{source}: frame {ordinal} at {stamp}: no valid depth")
             continue
-        frame = _Frame(ordinal, stamp, msg_frame.rgb, msg_frame.intrinsics, depth, pose, split)
+        frame = _Frame(ordinal, int(stamp), rgb, intrinsics, depth, pose, split)
         stats.counts["frames_used"] += 1
 
         if "depth" in tasks:
             spec = specs["depth"]
             prep = frame.prepare(spec)
             q, a, t, counts = depth_targets(prep[0], prep[1], spec, options.points_per_image,
-                                            _frame_rng(options.seed, bag_index, ordinal, 0), margin=options.margin,
+                                            _frame_rng(options.seed, source_index, ordinal, 0), margin=options.margin,
                                             min_depth=options.min_depth, max_depth=options.max_depth)
             stats.counts["out_of_range_pixels"] += counts["out_of_range_pixels"]
             if q:
                 yield _count(stats, "depth", split, _row("depth", [frame], [prep], q, a, t, source))
             else:
-                stats.skip("frames_out_of_range", f"{bag}: frame {ordinal} at {stamp}: no pixel with a label in the "
-                           f"depth range [{options.min_depth}, {options.max_depth}] m inside the margin")
+                stats.skip("frames_out_of_range", f"{source}: frame {ordinal} at {stamp}: no pixel with a label in "
+                           f"the depth range [{options.min_depth}, {options.max_depth}] m inside the margin")
 
         # Pairs ending at this frame.
         if frame.T_w_c is not None:
@@ -1033,14 +1047,13 @@ def _bag_rows(bag_index: int, bag: Path, split_of_bag: Optional[str], options: C
                     if first.split != frame.split:
                         stats.skip("pairs_across_split")
                         continue
-                    row = _pair_row(task, first, frame, specs[task], options, stats, bag_index, source)
+                    row = _pair_row(task, first, frame, specs[task], options, stats, source_index, source)
                     if row is not None:
                         made += 1
                         yield _count(stats, task, split, row)
         window.append(frame)
         while window and window[0].index < ordinal - max_gap:
             window.popleft()
-    bag_summaries.append(reader.finish())
 
 
 def _pair_row(task: str, f1: _Frame, f2: _Frame, spec: TaskSpec, options: ConvertOptions, stats: _Stats,
@@ -1082,11 +1095,11 @@ def _count(stats: _Stats, task: str, split: str, row: Dict[str, Any]) -> Dict[st
     return row
 
 
-def _bag_splits(bags: Sequence[Path], options: ConvertOptions) -> List[Optional[str]]:
+def _bag_splits(bags: Sequence[Any], options: ConvertOptions) -> List[Optional[str]]:
     if options.split != "bag":
         return [None] * len(bags)
     if len(bags) < 2:
-        raise ConvertError("a split by bag needs at least two bags")
+        raise ConvertError("a split by bag needs at least two bags (sources)")
     n_val = min(len(bags) - 1, max(1, int(round(len(bags) * options.val_fraction))))
     return ["train"] * (len(bags) - n_val) + ["val"] * n_val
 
@@ -1099,10 +1112,6 @@ def convert_bags(bags: Sequence[str | os.PathLike[str]], out: str | os.PathLike[
     Raises :class:`ConvertError` (or :class:`vlm3_ros.bags.BagError`) for unusable options or
     inputs, and when no sample at all could be made; nothing is left at ``out`` then.
     """
-    import datasets
-
-    from . import __version__
-
     options = (options or ConvertOptions()).validate()
     paths = [Path(b) for b in bags]
     if not paths:
@@ -1110,26 +1119,77 @@ def convert_bags(bags: Sequence[str | os.PathLike[str]], out: str | os.PathLike[
     for path in paths:
         if not path.exists():
             raise ConvertError(f"bag {path} does not exist")
+    splits = _bag_splits(paths, options)
+
+    def rows(stats: _Stats, summaries: List[Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
+        for index, (path, split) in enumerate(zip(paths, splits)):
+            yield from _bag_rows(index, path, split, options, stats, summaries, progress)
+
+    return _write_dataset(out, options, rows, [str(p) for p in paths], overwrite=overwrite, arguments=arguments)
+
+
+FrameLike = Any  # (stamp_ns, rgb, intrinsics, depth_m, T_w_c), e.g. vlm3_ros.bags.RgbdFrame
+
+
+def iter_samples(frames: Iterable[FrameLike], options: Optional[ConvertOptions] = None, *,
+                 source: str = "memory", total: Optional[int] = None, source_index: int = 0,
+                 stats: Optional[Any] = None) -> Iterator[Dict[str, Any]]:
+    """Dataset rows (the columns of :data:`DATASET_COLUMNS`; images as PNG ``{"bytes", "path"}``)
+    made from in-memory frames, without a bag: each frame is ``(stamp_ns, rgb, intrinsics,
+    depth_m, T_w_c)`` (a :class:`vlm3_ros.bags.RgbdFrame` or any 5-tuple in that order; depth z
+    in metres with NaN invalid, or None; ``T_w_c`` camera-to-world or None).
+    """
+    options = (options or ConvertOptions()).validate()
+    frames_iter = ((int(f[0]), f[1], f[2], f[3], f[4]) for f in frames)
+    yield from _frame_rows(frames_iter, total, source, source, source_index, None, options,
+                           stats if stats is not None else _Stats(), progress=False)
+
+
+def convert_frames(sources: Mapping[str, Sequence[FrameLike]], out: str | os.PathLike[str],
+                   options: Optional[ConvertOptions] = None, *, overwrite: bool = False, progress: bool = True,
+                   arguments: Optional[Mapping[str, Any]] = None) -> ConvertResult:
+    """Like :func:`convert_bags` for in-memory frame sequences (source name -> frames; see
+    :func:`iter_samples`), e.g. :meth:`vlm3_train.synthetic.SyntheticSequence.rgbd_frames`."""
+    options = (options or ConvertOptions()).validate()
+    if not sources:
+        raise ConvertError("no frame sequences given")
+    names = list(sources)
+    splits = _bag_splits(names, options)
+
+    def rows(stats: _Stats, summaries: List[Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
+        for index, (name, split) in enumerate(zip(names, splits)):
+            frames = sources[name]
+            total = len(frames) if hasattr(frames, "__len__") else None
+            frames_iter = ((int(f[0]), f[1], f[2], f[3], f[4]) for f in frames)
+            yield from _frame_rows(frames_iter, total, name, name, index, split, options, stats, progress)
+            summaries.append({"path": name, "frames": total})
+
+    return _write_dataset(out, options, rows, names, overwrite=overwrite, arguments=arguments)
+
+
+def _write_dataset(out: str | os.PathLike[str], options: ConvertOptions,
+                   rows: Any, sources: Sequence[str], *, overwrite: bool,
+                   arguments: Optional[Mapping[str, Any]]) -> ConvertResult:
+    """Stream ``rows(stats, summaries)`` into the dataset directory ``out``, atomically."""
+    import datasets
+
+    from . import __version__
+
     out = Path(out)
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise ConvertError(f"{out} exists already; pass overwrite (--overwrite) to replace it")
-    splits = _bag_splits(paths, options)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     stats = _Stats()
-    bag_summaries: List[Dict[str, Any]] = []
+    summaries: List[Dict[str, Any]] = []
     start = time.perf_counter()
     try:
-        def rows() -> Iterator[Dict[str, Any]]:
-            for index, (path, split) in enumerate(zip(paths, splits)):
-                yield from _bag_rows(index, path, split, options, stats, bag_summaries, progress)
-
         # A fresh cache inside the temporary directory: rows are streamed to disk, never reused.
         bars_were_on = not datasets.are_progress_bars_disabled()
         datasets.disable_progress_bars()
         try:
             try:
-                dataset = datasets.Dataset.from_generator(rows, features=dataset_features(),
+                dataset = datasets.Dataset.from_generator(lambda: rows(stats, summaries), features=dataset_features(),
                                                           cache_dir=str(tmp / "cache"))
             except datasets.exceptions.DatasetGenerationError as exc:
                 # datasets wraps errors raised inside the generator; re-raise ours as they are.
@@ -1138,7 +1198,7 @@ def convert_bags(bags: Sequence[str | os.PathLike[str]], out: str | os.PathLike[
                     raise cause from None
                 raise
             if len(dataset) == 0:
-                raise ConvertError(f"no samples could be made from {', '.join(map(str, paths))}: "
+                raise ConvertError(f"no samples could be made from {', '.join(sources)}: "
                                    + "; ".join(stats.reasons[:5]))
             dataset.save_to_disk(str(tmp / "data"))
             del dataset
@@ -1147,7 +1207,7 @@ def convert_bags(bags: Sequence[str | os.PathLike[str]], out: str | os.PathLike[
                 datasets.enable_progress_bars()
         shutil.rmtree(tmp / "cache", ignore_errors=True)
         protocol.save_protocol(tmp, [options.specs[t] for t in options.tasks])  # type: ignore[index]
-        summary = _summary(paths, options, stats, bag_summaries, arguments, __version__, time.perf_counter() - start)
+        summary = _summary(options, stats, summaries, arguments, __version__, time.perf_counter() - start)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         _publishable(tmp)
         if out.exists() or out.is_symlink():
@@ -1172,14 +1232,14 @@ def _publishable(root: Path) -> None:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def _summary(paths: Sequence[Path], options: ConvertOptions, stats: _Stats, bag_summaries: List[Dict[str, Any]],
+def _summary(options: ConvertOptions, stats: _Stats, bag_summaries: List[Dict[str, Any]],
              arguments: Optional[Mapping[str, Any]], version: str, seconds: float) -> Dict[str, Any]:
-    unpaired = sum(sum(b["unpaired"].values()) + b.get("unpaired_clouds", 0) for b in bag_summaries)
-    corrupt = sum(sum(b["corrupt"].values()) for b in bag_summaries) + stats.counts.get("corrupt_clouds", 0)
+    unpaired = sum(sum(b.get("unpaired", {}).values()) + b.get("unpaired_clouds", 0) for b in bag_summaries)
+    corrupt = sum(sum(b.get("corrupt", {}).values()) for b in bag_summaries) + stats.counts.get("corrupt_clouds", 0)
     skipped = {k: v for k, v in sorted(stats.counts.items()) if k not in ("frames_read", "frames_used")}
     skipped["unpaired_messages"] = unpaired
     skipped["corrupt_messages"] = corrupt
-    skipped["dropped_frames"] = sum(b["dropped_frames"] for b in bag_summaries)
+    skipped["dropped_frames"] = sum(b.get("dropped_frames", 0) for b in bag_summaries)
     return {
         "format": DATASET_FORMAT,
         "format_version": DATASET_VERSION,

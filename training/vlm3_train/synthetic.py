@@ -34,6 +34,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence as SequenceABC
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -48,6 +49,7 @@ __all__ = [
     "FRAME_PERIOD_NS",
     "Hits",
     "Rect",
+    "RgbdFrames",
     "Scene",
     "SyntheticError",
     "SyntheticFrame",
@@ -683,6 +685,11 @@ class SyntheticSequence:
         for i in range(len(self)):
             yield self.frame(i)
 
+    def rgbd_frames(self) -> "RgbdFrames":
+        """The frames as :class:`vlm3_ros.bags.RgbdFrame` records (what a bag yields), rendered on
+        access: the in-memory input of :func:`vlm3_train.convert.convert_frames`."""
+        return RgbdFrames(self)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly description (scene, camera, poses, stamps)."""
         return {"seed": self.seed, "intrinsics": self.intrinsics.to_dict(), "scene": self.scene.to_dict(),
@@ -694,6 +701,26 @@ class SyntheticSequence:
         return cls(Scene.from_dict(data["scene"]), Intrinsics.from_dict(data["intrinsics"]),
                    np.asarray(data["poses"], dtype=np.float64), np.asarray(data["stamps_ns"], dtype=np.int64),
                    int(data.get("supersample", 2)), data.get("seed"))
+
+
+class RgbdFrames(SequenceABC):
+    """A lazy sequence of :class:`vlm3_ros.bags.RgbdFrame` for a :class:`SyntheticSequence`."""
+
+    def __init__(self, sequence: SyntheticSequence) -> None:
+        self.sequence = sequence
+
+    def __len__(self) -> int:
+        return len(self.sequence)
+
+    def __getitem__(self, i: Any) -> Any:
+        from vlm3_ros.bags import RgbdFrame
+
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"frame {i} out of range for a sequence of {len(self)} frames")
+        f = self.sequence.frame(i)
+        return RgbdFrame(f.stamp_ns, f.rgb, self.sequence.intrinsics, f.depth, f.T_w_c)
 
 
 def generate_sequence(seed: int = 0, frames: int = 30, intrinsics: Intrinsics | None = None, *,
