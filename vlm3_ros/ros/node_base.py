@@ -48,7 +48,7 @@ class PerceptionNode(Node):
         self.stats = NodeStats(self.get_fully_qualified_name(), self.streams)
         self.input_qos = stream_qos(values["input_reliability"], values["input_depth"])
         self.output_qos = stream_qos(values["output_reliability"], values["output_depth"])
-        self._last_image_ns: Optional[int] = None
+        self._newest_ns: Optional[int] = None
         self.time_jumps = 0
         self._jump_pending = False
         if values["compressed_input"]:
@@ -86,7 +86,7 @@ class PerceptionNode(Node):
         raise NotImplementedError
 
     def time_jumped(self) -> None:
-        """The image stamps went back in time (a bag restarted): forget state tied to time."""
+        """Stamps went back in time by more than ``sync_expiry`` (a bag restarted): forget state tied to time."""
 
     def diagnostic_values(self) -> Dict[str, Any]:
         """Extra key/values for the node's diagnostics."""
@@ -144,16 +144,16 @@ class PerceptionNode(Node):
         except Exception as exc:  # noqa: BLE001 - a message without a usable header
             self.problem("bad_header", f"{stream} message has no usable header stamp: {exc}")
             return
-        if stream == "image":
-            last = self._last_image_ns
-            if last is not None and stamp < last - self.sync.expiry_ns:
-                self.time_jumps += 1
-                self.get_logger().warning(f"image stamps jumped back by {(last - stamp) * 1e-9:.3f} s; restarting")
-                self.sync.clear()
-                self._jump_pending = True
-                self._last_image_ns = stamp
-            else:
-                self._last_image_ns = stamp if last is None else max(stamp, last)
+        last = self._newest_ns
+        if last is not None and stamp < last - self.sync.expiry_ns:
+            # Far behind everything seen: a bag started again (or the clock was reset).
+            self.time_jumps += 1
+            self.get_logger().warning(f"{stream} stamps jumped back by {(last - stamp) * 1e-9:.3f} s; restarting")
+            self.sync.clear()
+            self._jump_pending = True
+            self._newest_ns = stamp
+        else:
+            self._newest_ns = stamp if last is None else max(stamp, last)
         paired = self.sync.add(stream, stamp, msg)
         if paired is not None:
             self.worker.submit((paired, time.perf_counter()))

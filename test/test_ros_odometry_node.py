@@ -1,0 +1,186 @@
+"""The odometry node over real DDS: TF and Odometry at image stamps matching the 7-Scenes
+ground-truth trajectory in oracle mode, the static extrinsic, markers, parameter validation,
+lost frames and time jumps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("rclpy", reason="rclpy is not importable in this interpreter")
+
+from nav_msgs.msg import Odometry  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
+from visualization_msgs.msg import MarkerArray  # noqa: E402
+
+from ros_perception_helpers import (  # noqa: E402,F401  (perception_nodes is a fixture)
+    CAMERA_FRAME,
+    Collector,
+    FaultyBackend,
+    FramePublisher,
+    perception_nodes,
+    textured,
+)
+from vlm3_ros import geometry as g  # noqa: E402
+from vlm3_ros.camera import Intrinsics  # noqa: E402
+from vlm3_ros.odometry import xyz_rotation_to_pose  # noqa: E402
+from vlm3_ros.ros import conversions as cv  # noqa: E402
+from vlm3_ros.ros.odometry_node import OdometryNode  # noqa: E402
+from vlm3_ros.ros.params import OPTICAL_RPY  # noqa: E402
+from vlm3_ros.ros.qos import latched_qos  # noqa: E402
+from vlm3_ros.ros.tf import HAS_TF2_MSGS, HAS_TF2_ROS  # noqa: E402
+
+TF_AVAILABLE = HAS_TF2_MSGS or HAS_TF2_ROS
+
+
+def _start(ros, start, engine=None, **params):
+    params.setdefault("backend", "oracle")
+    overrides = [Parameter(k, value=v) for k, v in params.items()]
+    backends = {task: engine for task in ("pose", "correspondence", "depth")} if engine is not None else None
+    node = start(OdometryNode(context=ros.context, backends=backends, parameter_overrides=overrides))
+    client = ros.node("camera")
+    cam = FramePublisher(client)
+    out = {"odom": Collector(client, Odometry, "odom"), "markers": Collector(client, MarkerArray, "correspondences")}
+    if TF_AVAILABLE:
+        from tf2_msgs.msg import TFMessage
+
+        from vlm3_ros.ros.tf import TF_QOS
+
+        out["tf"] = Collector(client, TFMessage, "/tf", TF_QOS)
+        out["tf_static"] = Collector(client, TFMessage, "/tf_static", latched_qos(1))
+    assert cam.wait_matched(ros, reference=params["backend"] == "oracle")
+    assert ros.spin_until(lambda: node.worker.state == "ready", 30), node.worker.error
+    return node, client, cam, out
+
+
+def _frames(sevenscenes, count):
+    intr = Intrinsics.from_K(sevenscenes.intrinsics(), 640, 480)
+    for n, i in enumerate(sevenscenes.frame_ids[:count]):
+        rgb, depth, T_wc = sevenscenes.load_frame(i)
+        yield 50.0 + n / 10, FramePublisher.messages(50.0 + n / 10, rgb, intr, depth=depth, pose=T_wc), T_wc
+
+
+def test_oracle_tf_and_odometry_follow_the_7scenes_trajectory(ros, perception_nodes, sevenscenes):
+    xyz = [0.2, 0.0, 0.5]
+    node, client, cam, out = _start(ros, perception_nodes, mode="correspondence", query_count=48,
+                                    extrinsic_xyz=xyz, publish_extrinsic=True)
+    T_bc = xyz_rotation_to_pose(xyz, OPTICAL_RPY)
+    T0, stamps, truth = None, [], []
+    for n, (t, msgs, T_wc) in enumerate(_frames(sevenscenes, 6)):
+        T0 = T_wc if T0 is None else T0
+        cam.publish(msgs)
+        stamps.append(t)
+        truth.append(T_bc @ g.relative_pose(T0, T_wc) @ g.invert_pose(T_bc))
+        assert ros.spin_until(lambda: len(out["odom"]) == n + 1, 20), f"no odometry for frame {n}"
+    assert out["odom"].stamps() == pytest.approx(stamps, abs=1e-9)  # the image stamps, one per frame
+    for msg, gt in zip(out["odom"].messages, truth):
+        assert (msg.header.frame_id, msg.child_frame_id) == ("odom", "base_link")
+        T = cv.pose_matrix(msg.pose.pose)
+        assert np.linalg.norm(T[:3, 3] - gt[:3, 3]) < 0.01
+        assert g.rotation_angle(T[:3, :3].T @ gt[:3, :3]) < 0.3
+        C = np.array(msg.pose.covariance).reshape(6, 6)
+        assert np.allclose(C, C.T) and np.all(np.linalg.eigvalsh(C) >= -1e-12)
+    covs = [np.trace(np.array(m.pose.covariance).reshape(6, 6)) for m in out["odom"].messages]
+    assert covs[0] == 0.0 and all(b > a for a, b in zip(covs[1:], covs[2:]))  # uncertainty accumulates
+    # The twist is the base_link velocity: compare with the ground truth motion over the last frame.
+    last = out["odom"].messages[-1]
+    motion = g.invert_pose(truth[-2]) @ truth[-1]
+    v = np.array([last.twist.twist.linear.x, last.twist.twist.linear.y, last.twist.twist.linear.z])
+    assert np.linalg.norm(v - motion[:3, 3] / 0.1) < 0.05
+    if TF_AVAILABLE:
+        assert ros.spin_until(lambda: len(out["tf"]) >= 6, 5)
+        transforms = [t for m in out["tf"].messages for t in m.transforms]
+        assert [t.header.stamp.sec + t.header.stamp.nanosec * 1e-9 for t in transforms] == pytest.approx(stamps)
+        assert all((t.header.frame_id, t.child_frame_id) == ("odom", "base_link") for t in transforms)
+        for tf, gt in zip(transforms, truth):
+            np.testing.assert_allclose(cv.pose_matrix(tf.transform)[:3, 3], gt[:3, 3], atol=0.01)
+        assert ros.spin_until(lambda: len(out["tf_static"]) >= 1, 5)
+        static = out["tf_static"].messages[-1].transforms
+        assert [(t.header.frame_id, t.child_frame_id) for t in static] == [("base_link", CAMERA_FRAME)]
+        np.testing.assert_allclose(cv.pose_matrix(static[0].transform), T_bc, atol=1e-9)
+    else:
+        assert node.tf.backend == "none"
+
+
+def test_markers_show_the_matches(ros, perception_nodes, sevenscenes):
+    node, client, cam, out = _start(ros, perception_nodes, mode="both", query_count=32, keyframe_interval=2)
+    for n, (t, msgs, _) in enumerate(_frames(sevenscenes, 3)):
+        cam.publish(msgs)
+        assert ros.spin_until(lambda: len(out["odom"]) == n + 1, 20)
+    assert ros.spin_until(lambda: len(out["markers"]) == 2, 5)
+    marker = out["markers"].messages[-1].markers[0]
+    assert marker.header.frame_id == CAMERA_FRAME and marker.header.stamp == out["odom"].messages[-1].header.stamp
+    update = node.last_update
+    assert len(marker.points) == np.isfinite(update.matches.points1).all(axis=1).sum() >= 20
+    inliers = [c.g > 0.5 for c in marker.colors]
+    assert sum(inliers) == update.matches.inliers.sum() == update.estimate.inliers
+    # The points are the keyframe's, seen from the current camera: they project onto the matches.
+    points = np.array([[p.x, p.y, p.z] for p in marker.points])
+    K = Intrinsics.from_K(sevenscenes.intrinsics(), 640, 480).K
+    uv, _ = g.project(points, K)
+    ok = np.isfinite(update.matches.points1).all(axis=1)
+    close = np.linalg.norm(uv - update.matches.uv2[ok], axis=1) < 3.0
+    assert close[np.array(inliers)].all()
+
+
+def test_parameters_are_validated_and_mode_change_restarts(ros, perception_nodes, sevenscenes):
+    node, client, cam, out = _start(ros, perception_nodes, mode="correspondence", query_count=32)
+
+    def rejected(name, value):
+        result = node.set_parameters([Parameter(name, value=value)])[0]
+        return not result.successful and result.reason
+
+    assert "not one of pose, correspondence, both" in rejected("mode", "lidar")
+    assert "3 or 4 values" in rejected("extrinsic_rotation", [0.0, 0.0, 0.0, 0.0, 1.0])
+    assert "must differ" in rejected("odom_frame", "base_link")
+    assert "valid TF frame" in rejected("base_frame", "/base_link")
+    assert "below min_inliers" in rejected("query_count", 6)
+    assert "read-only" in rejected("backend", "transformers")
+    assert node.params["mode"] == "correspondence" and node.params["odom_frame"] == "odom"
+    assert node.params.rejected == 5  # read-only is enforced by rclpy before the validation callback
+    frames = list(_frames(sevenscenes, 3))
+    for n, (_, msgs, _) in enumerate(frames[:2]):
+        cam.publish(msgs)
+        assert ros.spin_until(lambda: len(out["odom"]) == n + 1, 20)
+    assert node.set_parameters([Parameter("mode", value="pose"), Parameter("odom_frame", value="odom_vlm")])[0].successful
+    cam.publish(frames[2][1])
+    assert ros.spin_until(lambda: len(out["odom"]) == 3, 20)
+    last = out["odom"].messages[-1]
+    assert last.header.frame_id == "odom_vlm"
+    np.testing.assert_allclose(cv.pose_matrix(last.pose.pose), np.eye(4), atol=1e-12)  # a new trajectory
+    assert node.last_update.status == "initialised"
+
+
+def test_lost_frames_hold_the_pose_and_time_jumps_restart(ros, perception_nodes):
+    faulty = FaultyBackend()
+    node, client, cam, out = _start(ros, perception_nodes, engine=faulty, mode="pose", keyframe_interval=5)
+    intr = Intrinsics.from_focal(160, 120, 150.0)
+    rgb = textured(160, 120)
+    depth = np.full((120, 160), 2.0)
+    poses = [xyz_rotation_to_pose([0.05 * n, 0.0, 0.0], [0.0, 0.0, 0.0]) for n in range(5)]
+
+    def send(t, pose, expected):
+        cam.publish(FramePublisher.messages(t, rgb, intr, depth=depth, pose=pose))
+        assert ros.spin_until(lambda: len(out["odom"]) == expected, 15)
+        return out["odom"].messages[-1]
+
+    send(1.0, poses[0], 1)
+    moved = send(1.1, poses[1], 2)
+    assert np.linalg.norm(cv.pose_matrix(moved.pose.pose)[:3, 3]) == pytest.approx(0.05, abs=0.006)
+    faulty.fault = "garbage"
+    held = send(1.2, poses[2], 3)  # unparseable pose answers: the pose is held, covariance grows
+    np.testing.assert_allclose(cv.pose_matrix(held.pose.pose), cv.pose_matrix(moved.pose.pose), atol=1e-12)
+    assert np.trace(np.array(held.pose.covariance).reshape(6, 6)) > np.trace(np.array(moved.pose.covariance)
+                                                                            .reshape(6, 6)) + 0.05
+    assert node.stats.snapshot()["rejected"]["pose_lost"] == 1 and node.stats.snapshot()["parse_failures"] == 1
+    node.set_parameters([Parameter("publish_on_failure", value=False)])
+    cam.publish(FramePublisher.messages(1.3, rgb, intr, depth=depth, pose=poses[3]))
+    assert ros.spin_until(lambda: node.stats.snapshot()["rejected"]["pose_lost"] == 2, 15)
+    ros.spin_until(lambda: False, 0.2)
+    assert len(out["odom"]) == 3  # nothing published for it
+    faulty.fault = None
+    send(1.4, poses[4], 4)
+    # The bag starts again: stamps jump back, the trajectory restarts at the origin.
+    restarted = send(0.2, poses[2], 5)
+    np.testing.assert_allclose(cv.pose_matrix(restarted.pose.pose), np.eye(4), atol=1e-12)
+    assert node.time_jumps == 1 and node.last_update.status == "initialised"
