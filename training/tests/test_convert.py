@@ -493,18 +493,19 @@ def test_project_cloud_keeps_the_nearest_point_per_pixel():
 
 
 def test_sevenscenes_frames_yield_their_ground_truth(sevenscenes, tmp_path):
-    ids = sevenscenes.frame_ids[:9:4]  # three frames, 4 apart
-    K = Intrinsics.from_K(sevenscenes.intrinsics(), 640, 480)
+    """Real frames made into a bag by ``vlm3-ros bag from-rgbd``; every fourth frame is used."""
+    from vlm3_ros.cli.main import main as vlm3_ros_main
+
     path = tmp_path / "kitchen"
-    frames = {}
-    with RgbdBagWriter(path, storage="mcap") as writer:
-        for n, fid in enumerate(ids):
-            rgb, depth, T = sevenscenes.load_frame(fid)
-            stamp = 1_600_000_000 * 10**9 + n * 33_333_333
-            frames[n] = (depth, T)
-            writer.write_frame(stamp, rgb=rgb, intrinsics=K, depth_m=depth, T_w_c=T)
-    options = cv.ConvertOptions(points_per_image=10, points_per_pair=10, correspondence_gaps=(1,), pose_gaps=(1, 2))
+    assert vlm3_ros_main(["bag", "from-rgbd", str(sevenscenes.root), str(path), "--layout", "7scenes", "--count", "9",
+                          "--storage", "mcap", "--quiet"]) == 0
+    ids = sevenscenes.frame_ids[:9]
+    K = Intrinsics.from_K(sevenscenes.intrinsics(), 640, 480)
+    frames = {n: (sevenscenes.load_depth(fid), sevenscenes.load_pose(fid)) for n, fid in enumerate(ids) if n % 4 == 0}
+    options = cv.ConvertOptions(points_per_image=10, points_per_pair=10, frame_stride=4, correspondence_gaps=(1,),
+                                pose_gaps=(1, 2))
     result = cv.convert_bags([path], tmp_path / "ds", options, progress=False)
+    assert result.summary["samples"] == {"depth": 3, "correspondence": 2, "pose": 3}
     mapping = preparation_map(K, protocol.DEPTH.preprocess)
     for row in rows_of(result.path, "depth"):
         targets, n = json.loads(row["targets"]), json.loads(row["meta"])["frames"][0]
