@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from vlm3_ros.bags import TOPICS
 
     parser.add_argument("bags", nargs="+", metavar="BAG", help="rosbag2 directories (sqlite3 or mcap)")
-    parser.add_argument("out", help="dataset directory to create (written atomically)")
+    parser.add_argument("out", metavar="OUT", help="dataset directory to create (written atomically)")
     parser.add_argument("--tasks", type=_tasks, default=("depth", "correspondence", "pose"),
                         help="comma-separated tasks: depth, correspondence, pose (default all)")
     parser.add_argument("--points-per-image", type=int, default=10, help="depth questions per image (default 10)")

@@ -23,7 +23,7 @@ def _size(text: str) -> tuple[int, int]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .synthetic import DEFAULT_FOCAL, DEFAULT_SIZE
 
-    parser.add_argument("out", help="output directory (bags scene_NNN and descriptions scene_NNN.json)")
+    parser.add_argument("out", metavar="OUT", help="output directory (bags scene_NNN and descriptions scene_NNN.json)")
     parser.add_argument("--scenes", type=int, default=4, help="number of scenes, one bag each (default 4)")
     parser.add_argument("--frames", type=int, default=30, help="frames per scene (default 30, 10 Hz stamps)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the output is identical for a seed")
