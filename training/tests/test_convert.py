@@ -476,6 +476,23 @@ def test_odometry_poses_of_the_robot_base_composed_with_tf(tmp_path):
         np.testing.assert_allclose(json.loads(row["targets"])["T"], relative_pose(seq.poses[i], seq.poses[j]), atol=1e-9)
 
 
+@pytest.mark.parametrize("model, D", [("plumb_bob", (-0.25, 0.08, 0.001, -0.002, 0.0)),
+                                      ("equidistant", (0.05, -0.01, 0.002, 0.0))])
+def test_rays_and_projection_round_trip_through_lens_distortion(model, D):
+    cam = Intrinsics(640, 480, 500.0, 505.0, 322.0, 238.0, model, D)
+    rng = np.random.default_rng(0)
+    uv = rng.uniform((20, 20), (620, 460), size=(200, 2))
+    rays = cv.normalized_rays(uv, cam)
+    assert np.all(rays[:, 2] == 1.0)
+    depth = rng.uniform(0.5, 20.0, size=200)
+    back, z = cv.project_points(rays * depth[:, None], cam)
+    np.testing.assert_allclose(back, uv, atol=1e-6)
+    np.testing.assert_allclose(z, depth)
+    # Without distortion the rays are K^-1 [u, v, 1] exactly.
+    ideal = Intrinsics(640, 480, 500.0, 505.0, 322.0, 238.0)
+    np.testing.assert_allclose(cv.normalized_rays(uv, ideal), (np.linalg.inv(ideal.K) @ np.c_[uv, np.ones(200)].T).T)
+
+
 def test_project_cloud_keeps_the_nearest_point_per_pixel():
     cam = Intrinsics.from_focal(8, 6, 10.0)
     near = np.array([[0.0, 0.0, 2.0], [0.0, 0.0, 3.0], [0.1, 0.0, 1.0], [0.0, 0.0, -1.0], [50.0, 0.0, 1.0]])
