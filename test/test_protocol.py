@@ -318,6 +318,7 @@ def test_protocol_file_round_trip(tmp_path):
     assert loaded["pose"] == p.POSE
     assert loaded["depth"].question(nx=10, ny=20) == DEPTH_Q_10_20
     assert not list(tmp_path.glob(".protocol-*"))  # no temporary left behind
+    assert (tmp_path / p.PROTOCOL_FILENAME).stat().st_mode & 0o777 == 0o644
     assert p.load_protocol(tmp_path / "missing") is None
 
 

@@ -358,6 +358,7 @@ def save_protocol(directory: str | os.PathLike[str], specs: Mapping[str, TaskSpe
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(payload, handle, indent=2, ensure_ascii=False)
             handle.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp creates the file private; a checkpoint's files are readable
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
