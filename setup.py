@@ -31,7 +31,7 @@ setup(
     extras_require={
         # The in-process model backend. torch is deliberately not pinned here: the environment
         # script installs the right build for the machine (or keeps the one already present).
-        "model": ["torch>=2.4", "transformers>=5.4", "peft>=0.17", "accelerate>=1.0", "safetensors"],
+        "model": ["torch>=2.6", "transformers>=5.4", "peft>=0.17", "accelerate>=1.0", "safetensors"],
         "test": ["pytest>=8", "hypothesis>=6.100"],
     },
     zip_safe=True,
