@@ -2,7 +2,8 @@
 
 Each subcommand lives in its own module of this package exposing ``HELP`` (one line),
 ``add_arguments(parser)`` and ``run(args) -> int``. Modules import their heavy dependencies
-(torch, rclpy) inside ``run`` so ``vlm3-ros --help`` stays fast.
+(torch, rclpy) inside ``run`` so ``vlm3-ros --help`` stays fast. :func:`build_parser` and
+:func:`run_commands` serve any command of this shape (the training package's ``vlm3-train`` too).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Sequence
+from typing import Mapping, Sequence
 
 # subcommand -> module (in vlm3_ros.cli)
 COMMANDS = {
@@ -22,35 +23,41 @@ COMMANDS = {
     "demo": "demo",
     "make-model": "make_model",
 }
+DESCRIPTION = "A vision-language model as a metric 3D sensor for ROS 2 (VLM3 protocol)."
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="vlm3-ros",
-        description="A vision-language model as a metric 3D sensor for ROS 2 (VLM3 protocol).",
-    )
+def build_parser(prog: str, description: str, package: str, commands: Mapping[str, str]) -> argparse.ArgumentParser:
+    """A parser with one subcommand per available module ``package.<module>`` of ``commands``.
+
+    A subcommand whose module is not present in this installation is left out.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name, module_name in COMMANDS.items():
+    for name, module_name in commands.items():
         try:
-            module = importlib.import_module(f"{__package__}.{module_name}")
+            module = importlib.import_module(f"{package}.{module_name}")
         except ModuleNotFoundError as exc:
-            if exc.name != f"{__package__}.{module_name}":
+            if exc.name != f"{package}.{module_name}":
                 raise
-            continue  # a subcommand not shipped in this installation
+            continue
         command = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(command)
         command.set_defaults(_run=module.run)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def run_commands(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the chosen subcommand; returns its exit code (130 on Ctrl-C)."""
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_commands(build_parser("vlm3-ros", DESCRIPTION, __package__, COMMANDS), argv)
 
 
 if __name__ == "__main__":  # pragma: no cover
