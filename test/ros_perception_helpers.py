@@ -58,16 +58,19 @@ def perception_nodes(ros):
 class FramePublisher:
     """Publishes camera frames on ``image``, ``camera_info``, ``reference_depth``, ``reference_pose``."""
 
-    def __init__(self, node: Any, namespace: str = "") -> None:
+    def __init__(self, node: Any, topics: Optional[Dict[str, str]] = None) -> None:
+        """``topics`` maps image, camera_info, reference_depth, reference_pose to topic names
+        (default: those names, relative)."""
         from geometry_msgs.msg import PoseStamped
         from sensor_msgs.msg import CameraInfo, Image
 
-        prefix = namespace.rstrip("/") + "/" if namespace else ""
+        names = {k: k for k in ("image", "camera_info", "reference_depth", "reference_pose")}
+        names.update(topics or {})
         qos = reliable(10)
-        self.image = node.create_publisher(Image, prefix + "image", qos)
-        self.info = node.create_publisher(CameraInfo, prefix + "camera_info", qos)
-        self.depth = node.create_publisher(Image, prefix + "reference_depth", qos)
-        self.pose = node.create_publisher(PoseStamped, prefix + "reference_pose", qos)
+        self.image = node.create_publisher(Image, names["image"], qos)
+        self.info = node.create_publisher(CameraInfo, names["camera_info"], qos)
+        self.depth = node.create_publisher(Image, names["reference_depth"], qos)
+        self.pose = node.create_publisher(PoseStamped, names["reference_pose"], qos)
 
     def wait_matched(self, ros: Any, reference: bool = False, timeout: float = 15.0) -> bool:
         pubs = [self.image, self.info] + ([self.depth, self.pose] if reference else [])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from typing import Any, Callable, List, Optional, Sequence
 
 __all__ = ["run_nodes"]
@@ -25,30 +26,35 @@ def run_nodes(factories: Sequence[Callable[..., Any]], *, args: Optional[List[st
     import rclpy
     from rclpy.context import Context
     from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+    from rclpy.signals import SignalHandlerOptions
 
+    # Signals are handled here (not by rclpy): the executor is spun in short slices so a SIGINT or
+    # SIGTERM stops it promptly whatever the clock (with use_sim_time and no /clock, timers never fire).
     context = Context()
-    rclpy.init(args=args, context=context)
+    rclpy.init(args=args, context=context, signal_handler_options=SignalHandlerOptions.NO)
     nodes: List[Any] = []
     executor = MultiThreadedExecutor(num_threads=threads, context=context)
     stop = threading.Event()
 
     def _request_stop(*_: Any) -> None:
         stop.set()
-        context.try_shutdown()
 
-    previous = signal.signal(signal.SIGTERM, _request_stop) if threading.current_thread() is threading.main_thread() else None
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, _request_stop)
     status = 0
     try:
         for factory in factories:
             node = factory(context=context)
             nodes.append(node)
             executor.add_node(node)
-        if duration is not None:
-            timer = threading.Timer(duration, _request_stop)
-            timer.daemon = True
-            timer.start()
+        deadline = None if duration is None else time.monotonic() + duration
         try:
-            executor.spin()
+            while not stop.is_set() and context.ok():
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                executor.spin_once(timeout_sec=0.1)
         except (KeyboardInterrupt, ExternalShutdownException):
             pass
     except ValueError as exc:  # invalid parameters at start
@@ -63,6 +69,6 @@ def run_nodes(factories: Sequence[Callable[..., Any]], *, args: Optional[List[st
                 pass
         executor.shutdown(timeout_sec=2.0)
         context.try_shutdown()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return status
