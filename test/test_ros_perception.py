@@ -255,16 +255,20 @@ def sevenscenes_bag(tmp_path_factory):
 INPUTS = ["/camera/image_raw", "/camera/camera_info", "/camera/depth/image_raw", "/ground_truth/pose"]
 
 
-def _play_into_perception(ros, domain_id, bag, perception_args, wait_subscriptions, rate=1.0, settle=0.0):
-    """Start perception, play the bag into it once its subscriptions exist; return the outputs."""
+def _play_into_perception(ros, domain_id, bag, perception_args, wait_subscriptions, rate=1.0):
+    """Start perception, play the bag into it once its inputs and outputs are connected; return the outputs."""
     client = ros.node("observer")
     out = _outputs(client)
     node = _cli(domain_id, "perception", "--params-file", str(PARAMS), "--use-sim-time", *perception_args)
     player = None
     try:
+        # The outputs' publishers must be discovered before the first frame, or its outputs are lost.
+        topics = ["/points", "/depth/sparse", "/odom"] + (["/tf"] if TF_AVAILABLE else [])
+        connected = ros.spin_until(lambda: node.poll() is not None or all(client.count_publishers(t) for t in topics), 60)
+        assert connected and node.poll() is None, _stop(node)[1][-3000:]
+        ros.spin_until(lambda: False, 0.5)
         player = _cli(domain_id, "play", str(bag), "--rate", str(rate), "--topics", *INPUTS,
-                      "--wait-for-subscribers", str(wait_subscriptions), "--wait-timeout", "60", "--delay", str(settle),
-                      "--quiet")
+                      "--wait-for-subscribers", str(wait_subscriptions), "--wait-timeout", "60", "--quiet")
         deadline = time.monotonic() + 120
         while player.poll() is None and time.monotonic() < deadline:
             ros.spin_until(lambda: False, 0.1)
@@ -273,7 +277,8 @@ def _play_into_perception(ros, domain_id, bag, perception_args, wait_subscriptio
     except BaseException:
         if player is not None and player.poll() is None:
             player.kill()
-        _stop(node)
+        if node.poll() is None:
+            _stop(node)
         raise
 
 
@@ -284,17 +289,34 @@ def test_bag_played_into_perception_in_oracle_mode(ros, ros_domain_id, sevenscen
     # depth node: image, camera_info, reference_depth; odometry node: those and reference_pose.
     out, node = _play_into_perception(ros, ros_domain_id, sevenscenes_bag,
                                       ["--backend", "oracle", "--ros-args", "-p", "query_count:=32",
-                                       "-p", "mode:=correspondence"], wait_subscriptions=7)
+                                       "-p", "mode:=correspondence"], wait_subscriptions=7, rate=0.5)
+    stamps = sorted(truth)
+    expected = [s * 1e-9 for s in stamps]
+
+    def accounted(name):  # every frame of the bag arrived, and was served or dropped as stale (newest wins)
+        values = diagnostic_values(out["diagnostics"], f"/{name}") or {}
+        return (values.get("received.image") == "10" and values.get("frames_submitted") == "10"
+                and int(values["frames_published"]) + int(values["dropped_busy"]) == 10)
+
+    published = {"points": "depth_node", "depth": "depth_node", "odom": "odometry_node"}
+
+    def received_all():
+        return all(diagnostic_values(out["diagnostics"], f"/{name}")["frames_published"] == str(len(out[key]))
+                   for key, name in published.items())
+
     try:
-        assert ros.spin_until(lambda: len(out["odom"]) >= 10 and len(out["points"]) >= 10, 20)
+        assert ros.spin_until(lambda: accounted("depth_node") and accounted("odometry_node"), 30), str([
+            diagnostic_values(out["diagnostics"], f"/{n}") for n in ("depth_node", "odometry_node")])
+        assert ros.spin_until(received_all, 5)
     finally:
         code, text = _stop(node)
     assert code == 0, text[-3000:]
-    stamps = sorted(truth)
-    expected = [s * 1e-9 for s in stamps]
-    assert out["points"].stamps() == pytest.approx(expected, abs=1e-9)
-    assert out["depth"].stamps() == pytest.approx(expected, abs=1e-9)
-    assert out["odom"].stamps() == pytest.approx(expected, abs=1e-9)
+    for key in ("points", "depth", "odom"):
+        got = out[key].stamps()
+        # How many frames are served depends on the machine's load (the rest are dropped, counted above);
+        # the first and the last always are.
+        assert len(got) >= 2 and got == sorted(got) and got[-1] == pytest.approx(expected[-1], abs=1e-9)
+        assert all(min(abs(t - e) for e in expected) < 1e-9 for t in got), key  # the image stamps
     # The clouds are the Kinect's depth, the trajectory the ground truth (base_link = optical frame rotated).
     assert all(m.width >= 25 for m in out["points"].messages)
     from vlm3_ros.odometry import xyz_rotation_to_pose
@@ -307,7 +329,8 @@ def test_bag_played_into_perception_in_oracle_mode(ros, ros_domain_id, sevenscen
     assert g.rotation_angle(last[:3, :3].T @ gt[:3, :3]) < 0.5
     if TF_AVAILABLE:
         ours = [t for m in out["tf"].messages for t in m.transforms if t.child_frame_id == "base_link"]
-        assert [t.header.stamp.sec + t.header.stamp.nanosec * 1e-9 for t in ours] == pytest.approx(expected, abs=1e-9)
+        assert [t.header.stamp.sec + t.header.stamp.nanosec * 1e-9 for t in ours] == \
+            pytest.approx(out["odom"].stamps(), abs=1e-9)
     # use_sim_time: the nodes' clocks follow the bag's /clock.
     diag_stamps = [m.header.stamp.sec for m in out["diagnostics"].messages]
     assert diag_stamps and max(diag_stamps) < 1000

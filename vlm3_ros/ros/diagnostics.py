@@ -156,6 +156,8 @@ class NodeStats:
         }
         for stream, rate in s["input_rates"].items():
             values[f"input_rate_hz.{stream}"] = f"{rate:.3f}"
+        for stream, n in sync.counters.received.items():
+            values[f"received.{stream}"] = n
         for stream, n in sync.counters.unpaired.items():
             values[f"unpaired.{stream}"] = n
         for kind, n in sorted(s["rejected"].items()):

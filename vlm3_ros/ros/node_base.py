@@ -15,6 +15,8 @@ import time
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from diagnostic_msgs.msg import DiagnosticArray
+from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.clock import Clock, ClockType
 from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
@@ -22,7 +24,7 @@ from ..camera import Intrinsics
 from .conversions import FrameRejected, check_image_size, image_rgb, intrinsics_for, stamp_ns
 from .diagnostics import NodeStats, Throttle
 from .params import Param, ParameterGuard, declare
-from .qos import stream_qos
+from .qos import SMALL_MESSAGE_DEPTH, stream_qos
 from .sync import StampSync
 from .worker import LatestWorker
 
@@ -51,17 +53,21 @@ class PerceptionNode(Node):
         self._newest_ns: Optional[int] = None
         self.time_jumps = 0
         self._jump_pending = False
+        # Input callbacks only pair messages (thread-safe); in a reentrant group a multi-threaded
+        # executor runs them side by side, so a busy image callback never starves camera_info.
+        self.input_group = ReentrantCallbackGroup()
         if values["compressed_input"]:
-            self.create_subscription(CompressedImage, "image/compressed", lambda m: self._on_message("image", m),
-                                     self.input_qos)
+            self.subscribe_stream(CompressedImage, "image/compressed", "image")
         else:
-            self.create_subscription(Image, "image", lambda m: self._on_message("image", m), self.input_qos)
-        self.create_subscription(CameraInfo, "camera_info", lambda m: self._on_message("camera_info", m),
-                                 self.input_qos)
+            self.subscribe_stream(Image, "image", "image")
+        self.subscribe_stream(CameraInfo, "camera_info", "camera_info", small=True)
         self.worker = LatestWorker(self._run_frame, name=f"{node_name}_worker", on_error=self._on_worker_error,
                                    setup=self.setup)
         self._diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self.create_timer(values["diagnostics_period"], self.publish_diagnostics)
+        # Diagnostics run on the steady clock: they report while a bag is paused or over, even with
+        # use_sim_time (their header stamp is still the node's clock).
+        self.create_timer(values["diagnostics_period"], self.publish_diagnostics,
+                          clock=Clock(clock_type=ClockType.STEADY_TIME))
 
     # -- hooks for subclasses ------------------------------------------------------------------
 
@@ -124,9 +130,17 @@ class PerceptionNode(Node):
 
     # -- plumbing --------------------------------------------------------------------------------
 
-    def subscribe_stream(self, msg_type: Any, topic: str, stream: str) -> None:
-        """Subscribe ``topic`` as the paired stream ``stream`` (input QoS)."""
-        self.create_subscription(msg_type, topic, lambda m: self._on_message(stream, m), self.input_qos)
+    def subscribe_stream(self, msg_type: Any, topic: str, stream: str, *, small: bool = False) -> None:
+        """Subscribe ``topic`` as the paired stream ``stream`` with the input QoS.
+
+        ``small`` messages (CameraInfo, poses) keep a deeper queue (:data:`~.qos.SMALL_MESSAGE_DEPTH`):
+        they cost nothing to hold, and a busy process must not lose the metadata an image needs.
+        """
+        qos = self.input_qos
+        if small and qos.depth < SMALL_MESSAGE_DEPTH:
+            qos = stream_qos(self.params["input_reliability"], SMALL_MESSAGE_DEPTH)
+        self.create_subscription(msg_type, topic, lambda m: self._on_message(stream, m), qos,
+                                 callback_group=self.input_group)
 
     def _params_changed(self, names: Sequence[str]) -> None:
         values = self.params.snapshot()

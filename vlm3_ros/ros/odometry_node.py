@@ -92,7 +92,7 @@ class OdometryNode(PerceptionNode):
         super().__init__(node_name, ODOMETRY_NODE_PARAMS, **node_kwargs)
         values = self.params.snapshot()
         if values["backend"] == "oracle":
-            self.subscribe_stream(PoseStamped, "reference_pose", "reference_pose")
+            self.subscribe_stream(PoseStamped, "reference_pose", "reference_pose", small=True)
             self.subscribe_stream(Image, "reference_depth", "reference_depth")
         self.tf = TfBroadcaster(self)
         if not self.tf.available and values["publish_tf"]:

@@ -159,7 +159,8 @@ INPUT_PARAMS: Tuple[Param, ...] = (
     Param("input_reliability", "best_available", "Reliability of the input subscriptions: best_available "
           "(adapts to the publisher; best_effort on rclpy before Iron), reliable, best_effort, system_default.",
           read_only=True, choices=RELIABILITY_NAMES),
-    Param("input_depth", 2, "Queue depth of the input subscriptions.", read_only=True, range=(1, 5)),
+    Param("input_depth", 5, "Queue depth of the input subscriptions (sensor data QoS uses 5).", read_only=True,
+          range=(1, 5)),
     Param("output_reliability", "reliable", "Reliability of the output publishers.", read_only=True,
           choices=RELIABILITY_NAMES),
     Param("output_depth", 5, "Queue depth of the output publishers.", read_only=True, range=(1, 100)),

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
-__all__ = ["RELIABILITY_NAMES", "HAS_BEST_AVAILABLE", "reliability_policy", "stream_qos", "latched_qos"]
+__all__ = ["RELIABILITY_NAMES", "HAS_BEST_AVAILABLE", "SMALL_MESSAGE_DEPTH", "reliability_policy", "stream_qos",
+           "latched_qos"]
 
 RELIABILITY_NAMES = ("best_available", "reliable", "best_effort", "system_default")
+#: Queue depth of small input messages (CameraInfo, reference poses): a process busy with inference
+#: can fall behind taking them from DDS for a few frames (measured here with a depth of 5); they
+#: cost nothing to keep and an image cannot be served without its CameraInfo.
+SMALL_MESSAGE_DEPTH = 10
 HAS_BEST_AVAILABLE = hasattr(ReliabilityPolicy, "BEST_AVAILABLE")
 
 
