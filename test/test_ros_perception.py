@@ -136,6 +136,8 @@ def test_parameter_file_documents_every_parameter(ros):
             assert lines[index - 1].strip().startswith("#"), f"{param.name} has no comment"
             if param.read_only:
                 assert "[read-only]" in "\n".join(lines[max(0, index - 3):index]), param.name
+    docs = (REPO / "docs" / "ROS.md").read_text()
+    assert all(f"`{p.name}`" in docs for table in TABLES.values() for p in table)
     # rclpy reads the file (wildcards match a namespaced node); a changed value reaches both nodes.
     from vlm3_ros.ros.depth_node import DepthNode
     from vlm3_ros.ros.odometry_node import OdometryNode
