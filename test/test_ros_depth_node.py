@@ -51,7 +51,10 @@ def _setup(ros, start, engine=None, **params):
         "info": Collector(client, CameraInfo, "depth/camera_info"),
         "diagnostics": Collector(client, DiagnosticArray, "/diagnostics"),
     }
-    assert cam.wait_matched(ros, reference=False)
+    if params.get("compressed_input"):
+        assert ros.spin_until(lambda: cam.info.get_subscription_count() > 0, 15)
+    else:
+        assert cam.wait_matched(ros, reference=False)
     if params["backend"] == "oracle":
         assert ros.spin_until(lambda: cam.depth.get_subscription_count() > 0, 15)
     assert ros.spin_until(lambda: node.worker.state == "ready", 30), node.worker.error
@@ -132,6 +135,25 @@ def test_tiny_model_publishes_headers_and_counts_unparseable_answers(ros, percep
     assert ros.spin_until(lambda: (diagnostic_values(out["diagnostics"], node.get_fully_qualified_name()) or {})
                           .get("parse_failures") == str(stats["parse_failures"]), 5)
     assert "transformers:" in diagnostic_values(out["diagnostics"], node.get_fully_qualified_name())["backend"]
+
+
+def test_compressed_input(ros, perception_nodes):
+    import cv2
+    from sensor_msgs.msg import CompressedImage
+
+    node, client, cam, out = _setup(ros, perception_nodes, query_count=12, compressed_input=True)
+    pub = client.create_publisher(CompressedImage, "image/compressed", cam.image.qos_profile)
+    assert ros.spin_until(lambda: pub.get_subscription_count() > 0, 10)
+    intr = Intrinsics.from_focal(160, 120, 150.0)
+    msgs = FramePublisher.messages(4.0, textured(160, 120), intr, depth=np.full((120, 160), 1.5))
+    ok, png = cv2.imencode(".png", textured(160, 120)[..., ::-1])
+    compressed = CompressedImage(header=msgs["image"].header, format="png", data=png.tobytes())
+    cam.depth.publish(msgs["reference_depth"])
+    cam.info.publish(msgs["camera_info"])
+    pub.publish(compressed)
+    assert ros.spin_until(lambda: len(out["points"]), 15)
+    table = msg_codec.read_cloud(out["points"].messages[0])
+    assert len(table) == len(query_grid(160, 120, 12)) and np.allclose(table["z"], 1.5, atol=0.006)
 
 
 def test_bad_input_is_counted_and_the_next_good_frame_served(ros, perception_nodes):

@@ -10,6 +10,7 @@ import pytest
 pytest.importorskip("rclpy", reason="rclpy is not importable in this interpreter")
 
 from nav_msgs.msg import Odometry  # noqa: E402
+from sensor_msgs.msg import Image  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from visualization_msgs.msg import MarkerArray  # noqa: E402
 
@@ -103,7 +104,9 @@ def test_oracle_tf_and_odometry_follow_the_7scenes_trajectory(ros, perception_no
 
 
 def test_markers_show_the_matches(ros, perception_nodes, sevenscenes):
-    node, client, cam, out = _start(ros, perception_nodes, mode="both", query_count=32, keyframe_interval=2)
+    node, client, cam, out = _start(ros, perception_nodes, mode="both", query_count=32, keyframe_interval=2,
+                                    publish_debug_image=True)
+    debug = Collector(client, Image, "correspondences/image")
     for n, (t, msgs, _) in enumerate(_frames(sevenscenes, 3)):
         cam.publish(msgs)
         assert ros.spin_until(lambda: len(out["odom"]) == n + 1, 20)
@@ -121,6 +124,12 @@ def test_markers_show_the_matches(ros, perception_nodes, sevenscenes):
     ok = np.isfinite(update.matches.points1).all(axis=1)
     close = np.linalg.norm(uv - update.matches.uv2[ok], axis=1) < 3.0
     assert close[np.array(inliers)].all()
+    # The debug image: keyframe | frame, 1280x480, with green lines drawn.
+    assert ros.spin_until(lambda: len(debug) == 2, 5)
+    picture = cv.image_rgb(debug.messages[-1])
+    assert picture.shape == (480, 1280, 3) and debug.messages[-1].header.stamp == marker.header.stamp
+    greenish = (picture[..., 1] > 200) & (picture[..., 0] < 80) & (picture[..., 2] < 80)
+    assert greenish.sum() > 500
 
 
 def test_parameters_are_validated_and_mode_change_restarts(ros, perception_nodes, sevenscenes):

@@ -124,6 +124,22 @@ def test_worker_setup_failure_is_reported_and_items_dropped():
     worker.stop(1)
 
 
+def test_throttle_is_per_kind_and_rates_follow_the_window():
+    from vlm3_ros.ros.diagnostics import RateMeter, Throttle
+
+    throttle = Throttle(period=0.2)
+    assert throttle.ready("bad_image") and not throttle.ready("bad_image")
+    assert throttle.ready("image_size")  # another kind is not throttled by the first
+    time.sleep(0.25)
+    assert throttle.ready("bad_image")
+    meter = RateMeter(window=2.0)
+    t0 = meter._start
+    for k in range(20):  # 10 Hz for 2 s
+        meter.tick(t0 + 5.0 + k * 0.1)
+    assert meter.rate(t0 + 6.95) == pytest.approx(10.0, rel=0.05)
+    assert meter.rate(t0 + 20.0) == 0.0  # old events leave the window
+
+
 # ------------------------------------------------------------------------------------------------
 # Parameters and QoS
 # ------------------------------------------------------------------------------------------------
