@@ -14,6 +14,7 @@ options become remappings (``--image X`` is ``-r image:=X`` for both nodes); any
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Dict, List
 
@@ -40,7 +41,8 @@ PARAMS_FILE = "config/perception.yaml"
 def default_params_file() -> str:
     """config/perception.yaml of a source checkout or of the installed package share, if found."""
     here = Path(__file__).resolve()
-    candidates = [here.parents[2] / PARAMS_FILE]
+    # a source checkout, then the data files of a pip install (setup.py installs them under the prefix)
+    candidates = [here.parents[2] / PARAMS_FILE, Path(sys.prefix) / "share" / "vlm3_ros" / PARAMS_FILE]
     try:
         from ament_index_python.packages import get_package_share_directory  # type: ignore[import-not-found]
 
