@@ -72,7 +72,7 @@ class OracleBackend(Backend):
         if gt.depth is None or gt.K is None:
             raise EngineError("depth questions need ground truth depth and K")
         x, y, width, height = self._pixel(request, fields)
-        depth = np.asarray(gt.depth, dtype=float)
+        depth = np.asarray(gt.depth)
         if depth.shape[:2] != (height, width):
             raise EngineError(f"ground truth depth is {depth.shape[1]}x{depth.shape[0]}, the image {width}x{height}")
         col, row = int(round(x)), int(round(y))
