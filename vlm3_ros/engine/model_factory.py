@@ -12,6 +12,8 @@ Presets:
 * ``test``: about 0.25 M parameters; seconds to build, milliseconds per forward.
 * ``bench``: larger, shaped so that vision encoding and prefill weigh against decoding roughly as in
   Qwen3-VL-4B on a 640x480 frame unified to f = 1000 px (about 880 image tokens).
+* ``default``: about 0.9 M parameters, initialised for training: the size of the default model
+  that ``vlm3-train default-model`` trains on synthetic scenes on a CPU in minutes.
 * ``qwen3-vl-4b``: the real Qwen3-VL-4B dimensions (random weights), for GPU measurements.
 """
 
@@ -100,6 +102,13 @@ PRESETS: dict[str, ModelPreset] = {
                   num_key_value_heads=2, head_dim=64, mrope_section=[8, 12, 12]),
         vision=dict(depth=6, hidden_size=96, intermediate_size=384, num_heads=2, num_position_embeddings=256,
                     deepstack_visual_indexes=[1, 3, 5]),
+    ),
+    "default": ModelPreset(
+        text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32, mrope_section=[4, 6, 6]),
+        vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, num_position_embeddings=64,
+                    deepstack_visual_indexes=[0]),
+        initializer_range=0.02,
     ),
     "qwen3-vl-4b": ModelPreset(
         text=dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
