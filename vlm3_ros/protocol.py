@@ -158,26 +158,26 @@ class TaskSpec:
         if not self.questions:
             raise ProtocolError(f"task {self.name!r}: no question templates")
 
-    def question(self, question_id: str | None = None, **fields: Any) -> str:
-        """Render a question; ``question_id`` defaults to the task's only (or first) question."""
-        qid = question_id or next(iter(self.questions))
+    def _render(self, kind: str, templates: Mapping[str, str], question_id: str | None, fields: Mapping[str, Any]) -> str:
+        if not templates:
+            raise ProtocolError(f"task {self.name!r} has no {kind} templates")
+        qid = question_id or next(iter(templates))
         try:
-            template = self.questions[qid]
+            template = templates[qid]
         except KeyError:
-            raise ProtocolError(f"task {self.name!r} has no question {qid!r}; known: {sorted(self.questions)}") from None
+            raise ProtocolError(f"task {self.name!r} has no {kind} {qid!r}; known: {sorted(templates)}") from None
         try:
             return template.format(**fields)
         except KeyError as exc:
-            raise ProtocolError(f"task {self.name!r} question {qid!r} needs field {exc.args[0]!r}") from None
+            raise ProtocolError(f"task {self.name!r} {kind} {qid!r} needs field {exc.args[0]!r}") from None
+
+    def question(self, question_id: str | None = None, **fields: Any) -> str:
+        """Render a question; ``question_id`` defaults to the task's only (or first) question."""
+        return self._render("question", self.questions, question_id, fields)
 
     def answer(self, question_id: str | None = None, **fields: Any) -> str:
         """Render a training answer with the task's answer template."""
-        qid = question_id or next(iter(self.answers))
-        try:
-            template = self.answers[qid]
-        except KeyError:
-            raise ProtocolError(f"task {self.name!r} has no answer template {qid!r}") from None
-        return template.format(**fields)
+        return self._render("answer", self.answers, question_id, fields)
 
     def parse_question(self, text: str) -> tuple[str, dict[str, float]]:
         """The question id and field values of a question text rendered from this spec.
