@@ -34,7 +34,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -102,8 +102,8 @@ def _json_loads(text: Any, what: str) -> dict[str, Any]:
         raise EvalError(f"sample {what} is not valid JSON: {exc}") from None
 
 
-def ground_truth_of(task: str, targets: Mapping[str, Any], meta: Mapping[str, Any], images: Sequence[np.ndarray],
-                    spec: TaskSpec) -> GroundTruth:
+def ground_truth_of(task: str, targets: Mapping[str, Any], meta: Mapping[str, Any],
+                    images: Sequence[np.ndarray]) -> GroundTruth:
     """Reference geometry for the oracle, from a sample's targets (only the labelled pixels are known)."""
     h, w = images[0].shape[:2]
     K = np.asarray(meta["K"][0], dtype=float) if meta.get("K") else None
@@ -508,7 +508,7 @@ def evaluate_datasets(backend: Backend, paths: Sequence[str | os.PathLike[str]],
             targets = _json_loads(record.get("targets"), "targets")
             meta = _json_loads(record.get("meta"), "meta")
             meta.setdefault("source", str(path))
-            gt = ground_truth_of(task, targets, meta, images, spec) if oracle else None
+            gt = ground_truth_of(task, targets, meta, images) if oracle else None
             response = backend.answer(Request(images=images, questions=list(record["questions"]), spec=spec,
                                               max_new_tokens=limits.get(task, 128), ground_truth=gt))
             results.generated_tokens += int(sum(response.generated_tokens))

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -405,7 +404,7 @@ def _precision(config: TrainConfig):
     return cuda, bf16
 
 
-def _prepare_model(config: TrainConfig, loaded, bf16: bool):
+def _prepare_model(config: TrainConfig, loaded):
     model = loaded.model
     model.config.use_cache = False
     if getattr(model.config, "text_config", None) is not None:
@@ -551,7 +550,7 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> TrainResult:
     sampler = MixtureSampler(dataset.sizes, probabilities, num_samples=config.samples_per_epoch, seed=config.seed)
 
     loaded = load_checkpoint(config.model, device="cpu", dtype="bfloat16" if bf16 else "float32")
-    model = _prepare_model(config, loaded, bf16)
+    model = _prepare_model(config, loaded)
     collator = SFTCollator(loaded.processor, max_length=config.max_length)
 
     run_dir = config.resolved_run_dir()
@@ -604,6 +603,10 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> TrainResult:
         train_sampler=sampler,
         callbacks=list(callbacks),
     )
+    if not config.progress:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # no per-step log lines either
     if trainer.is_world_process_zero():
         _write_json_atomic(run_dir / RUN_RECORD, _run_record(config))
     if config.progress and trainer.is_world_process_zero():
