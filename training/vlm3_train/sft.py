@@ -590,6 +590,7 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> TrainResult:
         seed=config.seed,
         data_seed=config.seed,
         remove_unused_columns=False,
+        ddp_find_unused_parameters=False,
         label_names=["labels"],
         dataloader_num_workers=config.num_workers,
         report_to=[],

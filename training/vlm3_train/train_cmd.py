@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 HELP = "fine-tune a Qwen-VL checkpoint on VLM3 datasets (answer-only loss, packed questions, mixtures, LoRA, resumable)"
@@ -135,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
     except (TrainError, MixtureError, CollationError, EngineError) as exc:
         print(f"vlm3-train train: {exc}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", "0")) != 0:  # one summary per distributed run
+        return 0
     print(json.dumps({"output": str(result.output), "global_step": result.global_step,
                       "train_loss": result.train_loss, "seconds": round(result.seconds, 1),
                       "labels_seen": result.labels_seen, "resumed_from": result.resumed_from}, indent=2))
