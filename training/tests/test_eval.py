@@ -34,15 +34,20 @@ def _write_sevenscenes_bag(scenes, path: Path, frames: int) -> Path:
 
 def test_oracle_on_sevenscenes_bag_scores_perfectly(sevenscenes, tmp_path):
     bag = _write_sevenscenes_bag(sevenscenes, tmp_path / "redkitchen", frames=16)
-    report = evaluate_bags(OracleBackend(), [bag], tmp_path / "report", oracle=True, tasks=("depth", "pose"),
-                           points_per_image=8, pose_gap=1, progress=False)
-    assert report["samples"] == {"depth": 16, "pose": 15}
+    report = evaluate_bags(OracleBackend(), [bag], tmp_path / "report", oracle=True,
+                           tasks=("depth", "pose", "correspondence"), points_per_image=8, pose_gap=1,
+                           correspondence_gap=5, progress=False)
+    assert report["samples"] == {"depth": 16, "pose": 15, "correspondence": 11}
     depth = report["depth"]
     assert depth["delta1"] == 1.0 and depth["num_points"] == 128 and depth["num_unparseable"] == 0
     assert depth["abs_rel"] < 0.005  # answers carry two decimals
     pose = report["pose"]
     assert pose["auc30"] >= 99.0 and pose["num_unparseable"] == 0
     assert pose["rotation_error_deg"]["median"] < 0.1
+    corr = report["correspondence"]
+    # Answers are integers in [0, 1000] of a 1024 x 768 image: at most ~0.7 px off.
+    assert corr["num_points"] == 88 and corr["num_unparseable"] == 0
+    assert corr["epe"] < 0.71 and corr["epe_px"] < 0.73 and corr["within_px"]["within_1"] == 1.0
     trajectory = report["trajectory"]
     assert trajectory["num_trajectories"] == 1
     only = trajectory["trajectories"][0]
@@ -51,7 +56,7 @@ def test_oracle_on_sevenscenes_bag_scores_perfectly(sevenscenes, tmp_path):
     assert 0.0 < trajectory["ate_rmse_m"] < 0.03
     written = json.loads((tmp_path / "report" / "report.json").read_text())
     assert written["depth"]["delta1"] == 1.0
-    for name in ("depth_errors.png", "pose_errors.png", "trajectory_00.png"):
+    for name in ("depth_errors.png", "pose_errors.png", "correspondence_errors.png", "trajectory_00.png"):
         png = (tmp_path / "report" / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
