@@ -211,6 +211,10 @@ def test_lora_adapter_is_merged(tmp_path, tiny_checkpoint, tiny_backend):
         torch.testing.assert_close(backend.model.state_dict()[name], param, msg=name)
     request = Request(images=[_image(9)], questions=QUESTIONS[:2], max_new_tokens=8)
     assert backend.answer(request).token_ids != tiny_backend.answer(request).token_ids
+    assert backend.specs == tiny_backend.specs  # no protocol file in the adapter: the base checkpoint's
+    protocol.save_protocol(adapter_dir, [protocol.DEPTH.with_options(depth_kind="z")])
+    adapted = TransformersBackend(tiny_checkpoint, device="cpu", adapter=adapter_dir, warmup=False)
+    assert set(adapted.specs) == {"depth"} and adapted.specs["depth"].option("depth_kind") == "z"
     with pytest.raises(EngineError, match="adapter_config.json"):
         TransformersBackend(tiny_checkpoint, device="cpu", adapter=tmp_path, warmup=False)
 

@@ -177,7 +177,11 @@ def load_checkpoint(
     offline: bool = True,
     revision: str | None = None,
 ) -> LoadedCheckpoint:
-    """Load a checkpoint (and optionally a LoRA adapter, merged into the weights) for inference."""
+    """Load a checkpoint (and optionally a LoRA adapter, merged into the weights) for inference.
+
+    The task specs come from the adapter's protocol file when it has one, else the checkpoint's,
+    else the built-in VLM3 specs.
+    """
     from transformers import AutoModelForImageTextToText
 
     path = resolve_checkpoint(name_or_path, offline=offline, revision=revision)
@@ -194,7 +198,8 @@ def load_checkpoint(
     if adapter is not None:
         model = _merge_adapter(model, Path(adapter))
     model = model.to(dev).eval()
-    specs = protocol.load_protocol(path)
+    # An adapter trained for other task specs carries its own protocol file; it takes precedence.
+    specs = (protocol.load_protocol(adapter) if adapter is not None else None) or protocol.load_protocol(path)
     return LoadedCheckpoint(
         path=path,
         model=model,
