@@ -45,6 +45,7 @@ __all__ = [
     "backproject",
     "project",
     "depth_image_to_points",
+    "nearest_pixel",
     "sample_nearest",
     "euler_to_matrix",
     "matrix_to_euler",
@@ -329,6 +330,19 @@ def depth_image_to_points(
     return pts, uv
 
 
+def nearest_pixel(uv: Any, width: int, height: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Column and row of the pixel whose centre is nearest to each ``uv`` (halves round up), and
+    whether it lies inside a ``width`` x ``height`` image (non-finite ``uv`` are outside)."""
+    uv_, _ = _as_uv(uv)
+    finite = np.all(np.isfinite(uv_), axis=1)
+    cols = np.full(len(uv_), -1, dtype=np.int64)
+    rows = np.full(len(uv_), -1, dtype=np.int64)
+    cols[finite] = np.floor(uv_[finite, 0] + 0.5).astype(np.int64)
+    rows[finite] = np.floor(uv_[finite, 1] + 0.5).astype(np.int64)
+    inside = finite & (cols >= 0) & (cols < width) & (rows >= 0) & (rows < height)
+    return cols, rows, inside
+
+
 def sample_nearest(image: Any, uv: Any, fill: float = np.nan) -> np.ndarray:
     """Values of ``image`` at the pixel nearest to each ``uv`` (``fill`` outside or for NaN uv).
 
@@ -344,12 +358,7 @@ def sample_nearest(image: Any, uv: Any, fill: float = np.nan) -> np.ndarray:
         raise GeometryError(f"image must have shape (H, W) or (H, W, C), got {img.shape}")
     uv_, _ = _as_uv(uv)
     h, w = img.shape[:2]
-    finite = np.all(np.isfinite(uv_), axis=1)
-    cols = np.full(len(uv_), -1, dtype=np.int64)
-    rows = np.full(len(uv_), -1, dtype=np.int64)
-    cols[finite] = np.floor(uv_[finite, 0] + 0.5).astype(np.int64)
-    rows[finite] = np.floor(uv_[finite, 1] + 0.5).astype(np.int64)
-    inside = finite & (cols >= 0) & (cols < w) & (rows >= 0) & (rows < h)
+    cols, rows, inside = nearest_pixel(uv_, w, h)
     out = np.full((len(uv_),) + img.shape[2:], fill, dtype=np.float64)
     out[inside] = img[rows[inside], cols[inside]]
     return out

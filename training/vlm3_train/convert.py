@@ -47,7 +47,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 import cv2
 import numpy as np
 
-from vlm3_ros import protocol
+from vlm3_ros import geometry, protocol
 from vlm3_ros.camera import Intrinsics, PreparedImage, prepare_depth, prepare_image
 from vlm3_ros.protocol import TaskSpec
 
@@ -310,17 +310,6 @@ def project_points(points: np.ndarray, intrinsics: Intrinsics) -> Tuple[np.ndarr
     return uv, z
 
 
-def _nearest_pixel(uv: np.ndarray, width: int, height: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Column, row of the nearest pixel and whether it is inside the image."""
-    finite = np.all(np.isfinite(uv), axis=1)
-    cols = np.full(len(uv), -1, dtype=np.int64)
-    rows = np.full(len(uv), -1, dtype=np.int64)
-    cols[finite] = np.floor(uv[finite, 0] + 0.5).astype(np.int64)
-    rows[finite] = np.floor(uv[finite, 1] + 0.5).astype(np.int64)
-    inside = finite & (cols >= 0) & (cols < width) & (rows >= 0) & (rows < height)
-    return cols, rows, inside
-
-
 def project_cloud(points: np.ndarray, T_camera_cloud: np.ndarray, intrinsics: Intrinsics,
                   min_depth: float = 1e-3) -> np.ndarray:
     """A sparse depth image (z metres, NaN where no point) from a point cloud.
@@ -333,7 +322,7 @@ def project_cloud(points: np.ndarray, T_camera_cloud: np.ndarray, intrinsics: In
     cam = pts @ T_camera_cloud[:3, :3].T + T_camera_cloud[:3, 3]
     cam = cam[cam[:, 2] > min_depth]
     uv, z = project_points(cam, intrinsics)
-    cols, rows, inside = _nearest_pixel(uv, intrinsics.width, intrinsics.height)
+    cols, rows, inside = geometry.nearest_pixel(uv, intrinsics.width, intrinsics.height)
     depth = np.full((intrinsics.height, intrinsics.width), np.nan, dtype=np.float32)
     if not inside.any():
         return depth
@@ -371,7 +360,7 @@ def _visible(uv2: np.ndarray, z2: np.ndarray, depth2: np.ndarray, tolerance: flo
     (relative); otherwise a point passes unless the depth there is known and nearer by more than
     the tolerance (something occludes it)."""
     h, w = depth2.shape
-    cols, rows, inside = _nearest_pixel(uv2, w, h)
+    cols, rows, inside = geometry.nearest_pixel(uv2, w, h)
     inside &= z2 > 0
     d2 = np.full(len(uv2), np.nan)
     d2[inside] = depth2[rows[inside], cols[inside]]

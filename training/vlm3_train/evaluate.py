@@ -409,15 +409,12 @@ def write_plots(out: Path, results: TaskResults, rot: np.ndarray | None, trans: 
 
 
 def _open(path: Path):
-    import datasets
+    from .dataset import DatasetFormatError, open_dataset
 
-    data_dir = path / "data"
-    if not data_dir.is_dir():
-        raise EvalError(f"{path} is not a VLM3 dataset: no data/ directory")
-    specs = protocol.load_protocol(path)
-    if specs is None:
-        raise EvalError(f"{path} is not a VLM3 dataset: no {protocol.PROTOCOL_FILENAME}")
-    return datasets.load_from_disk(str(data_dir)), specs
+    try:
+        return open_dataset(path, required=("task", "images", "questions", "answers", "targets", "meta"))
+    except DatasetFormatError as exc:
+        raise EvalError(str(exc)) from None
 
 
 def _check_spec(backend: Backend, oracle: bool, spec: TaskSpec) -> TaskSpec:

@@ -88,22 +88,12 @@ class TrainingSet:
 
 
 def _open_dataset(path: Path):
-    import datasets
+    from .dataset import DatasetFormatError, open_dataset
 
-    data_dir = path / "data"
-    if not data_dir.is_dir():
-        raise TrainError(f"{path} is not a VLM3 dataset: no data/ directory (write one with `vlm3-train convert` or `synth`)")
-    specs = protocol.load_protocol(path)
-    if specs is None:
-        raise TrainError(f"{path} is not a VLM3 dataset: no {protocol.PROTOCOL_FILENAME}")
     try:
-        ds = datasets.load_from_disk(str(data_dir))
-    except Exception as exc:  # datasets raises several types for unreadable directories
-        raise TrainError(f"{data_dir} could not be loaded as a Hugging Face dataset: {exc}") from exc
-    missing = {"task", "images", "questions", "answers"} - set(ds.column_names)
-    if missing:
-        raise TrainError(f"{data_dir} lacks column(s) {sorted(missing)}")
-    return ds, specs
+        return open_dataset(path)
+    except DatasetFormatError as exc:
+        raise TrainError(str(exc)) from None
 
 
 def load_training_set(path: str | os.PathLike[str], *, split: str | None = "train", tasks: Sequence[str] | None = None) -> TrainingSet:
