@@ -81,6 +81,8 @@ def _merged_attention(
     prefix_k, prefix_v = state.prefix[layer]
     kv_heads = prefix_k.shape[0]
     group = heads // kv_heads
+    if q_len > 1:
+        return _prefill_attention(state, prefix_k, prefix_v, query, suffix_k, suffix_v, scaling)
     rows = group * q_len
 
     # Query head h reads kv head h // group (as repeat_kv does): group the heads under their kv head.
@@ -111,6 +113,21 @@ def _merged_attention(
     ws = torch.exp(ms - m) * (ds > 0)
     out = (op * wp + os_ * ws) / (dp * wp + ds * ws)
     out = out.to(query.dtype).view(batch, kv_heads, group, q_len, dim).reshape(batch, heads, q_len, dim)
+    return out.transpose(1, 2).contiguous()
+
+
+def _prefill_attention(state, prefix_k, prefix_v, query, suffix_k, suffix_v, scaling) -> torch.Tensor:
+    """Several new tokens per row (the questions themselves): one fused attention call over
+    [prefix ; own tokens]. The prefix is broadcast to the rows for this one step only; for such
+    long query blocks that is cheaper than materialising two score matrices per layer."""
+    batch, heads, q_len, dim = query.shape
+    kv_heads, prefix_len = prefix_k.shape[0], prefix_k.shape[1]
+    keys = torch.cat([prefix_k.expand(batch, -1, -1, -1), suffix_k], dim=2)
+    values = torch.cat([prefix_v.expand(batch, -1, -1, -1), suffix_v], dim=2)
+    visible = torch.cat([state.mask.new_ones(batch, q_len, prefix_len), state.mask], dim=-1)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, keys, values, attn_mask=visible[:, None], scale=scaling, enable_gqa=heads != kv_heads
+    )
     return out.transpose(1, 2).contiguous()
 
 
