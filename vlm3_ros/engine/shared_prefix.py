@@ -5,8 +5,10 @@ their first ``P`` tokens (the image tokens and whatever text precedes the questi
 difference). This module prefills that prefix once, at batch size one, and then decodes all
 questions as one batch whose attention reads the shared prefix keys and values in place:
 
-* attention of a row = softmax over [prefix keys ; the row's own suffix keys], computed as two
-  partial softmaxes merged with their log-sum-exp (so the prefix is never copied per row);
+* attention of a row = softmax over [prefix keys ; the row's own suffix keys]. While decoding
+  (one new token per row) it is computed as two partial softmaxes merged with their log-sum-exp,
+  so the prefix is read in place and never copied per row; for the questions' own tokens (many
+  per row, once per request) one fused attention call over the broadcast prefix is cheaper;
 * each row's tokens carry their exact positions (text and multimodal RoPE), so a row sees exactly
   what it would see in a prompt of its own;
 * a row stops at end of turn, at a stop string or at ``max_new_tokens``; finished rows are removed
