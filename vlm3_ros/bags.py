@@ -509,20 +509,24 @@ def _stamp_of(msg: Any, log_time_ns: int) -> int:
     return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
 
 
+def _records(path: PathLike, topics: Optional[Collection[str]]) -> Iterator[tuple]:
+    """(reader, connection, log time, raw bytes) of ``topics`` in log-time order; closes the bag."""
+    reader = _open_reader(path)
+    try:
+        connections = _select(reader, path, topics)
+        if connections:
+            yield from ((reader, conn, log_time, data) for conn, log_time, data in reader.messages(connections=connections))
+    finally:
+        reader.close()
+
+
 def read_raw(path: PathLike, topics: Optional[Collection[str]] = None) -> Iterator[RawMessage]:
     """Messages of ``topics`` (default: all) as stored, in log-time order.
 
     Raises :class:`BagError` for a missing or unreadable bag or a topic not in it.
     """
-    reader = _open_reader(path)
-    try:
-        connections = _select(reader, path, topics)
-        if not connections:
-            return
-        for conn, log_time, data in reader.messages(connections=connections):
-            yield RawMessage(conn.topic, conn.msgtype, int(log_time), bytes(data))
-    finally:
-        reader.close()
+    for _, conn, log_time, data in _records(path, topics):
+        yield RawMessage(conn.topic, conn.msgtype, int(log_time), bytes(data))
 
 
 def read_messages(path: PathLike, topics: Optional[Collection[str]] = None) -> Iterator[BagMessage]:
@@ -532,19 +536,12 @@ def read_messages(path: PathLike, topics: Optional[Collection[str]] = None) -> I
     carries none). Raises :class:`BagError` for a missing bag, an unknown topic, or a message
     that cannot be decoded (naming topic and log time).
     """
-    reader = _open_reader(path)
-    try:
-        connections = _select(reader, path, topics)
-        if not connections:
-            return
-        for conn, log_time, data in reader.messages(connections=connections):
-            try:
-                msg = reader.deserialize(data, conn.msgtype)
-            except Exception as exc:
-                raise BagError(f"cannot decode {conn.msgtype} on {conn.topic} at log time {log_time}: {exc}") from exc
-            yield BagMessage(conn.topic, conn.msgtype, _stamp_of(msg, log_time), msg)
-    finally:
-        reader.close()
+    for reader, conn, log_time, data in _records(path, topics):
+        try:
+            msg = reader.deserialize(data, conn.msgtype)
+        except Exception as exc:
+            raise BagError(f"cannot decode {conn.msgtype} on {conn.topic} at log time {log_time}: {exc}") from exc
+        yield BagMessage(conn.topic, conn.msgtype, _stamp_of(msg, log_time), msg)
 
 
 def bag_info(path: PathLike) -> Dict[str, Any]:
