@@ -7,7 +7,6 @@ when it is absent.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import cv2
@@ -18,15 +17,6 @@ from vlm3_ros import geometry as g
 from vlm3_ros import metrics as m
 from vlm3_ros.datasets.sevenscenes import DEFAULT_INTRINSICS, DatasetError, SevenScenes
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _shared_data() -> Path:
-    env = os.environ.get("VLM3_SHARED_DATA")
-    return Path(env) if env else REPO_ROOT / ".." / "shared" / "data"
-
-
-SCENE_DIR = _shared_data() / "7scenes_redkitchen"
 PAIRS = [(150, 160), (150, 175), (150, 199)]
 
 
@@ -89,10 +79,8 @@ def test_loader_errors(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def scene():
-    if not (SCENE_DIR / "rgbd-frames").is_dir():
-        pytest.skip(f"7-Scenes frames not found at {SCENE_DIR} (set VLM3_SHARED_DATA)")
-    ds = SevenScenes(SCENE_DIR)
+def scene(sevenscenes):
+    ds = sevenscenes
     frames = {i: ds.load_frame(i) for i in {i for pair in PAIRS for i in pair}}
     return ds, frames
 
