@@ -1,5 +1,5 @@
-"""The transformers backend on a tiny random Qwen3-VL: loading, encoding, and shared-prefix decoding
-that reproduces the reference (one ``generate`` per question) token for token."""
+"""The transformers backend on tiny random Qwen3-VL (and Qwen2.5-VL) models: loading, encoding, and
+shared-prefix decoding that reproduces the reference (one ``generate`` per question) token for token."""
 
 from __future__ import annotations
 
@@ -71,9 +71,29 @@ def test_encode_matches_the_processor(tiny_backend):
 
 
 @pytest.fixture(scope="module")
-def varied_backend(tiny_checkpoint):
-    """A backend whose end-of-turn set includes a frequent token, so answers end at different lengths."""
-    backend = TransformersBackend(tiny_checkpoint, device="cpu", dtype="float32", max_batch=64)
+def qwen25_checkpoint(tmp_path_factory):
+    from vlm3_ros.engine.model_factory import build_checkpoint
+
+    return build_checkpoint(tmp_path_factory.mktemp("models") / "tiny-qwen2.5", preset="test-qwen2.5-vl", seed=0)
+
+
+def test_qwen25_checkpoint_loads_through_the_user_path(qwen25_checkpoint):
+    loaded = load_checkpoint(qwen25_checkpoint, device="cpu")
+    assert loaded.model_type == "qwen2_5_vl"
+    assert type(loaded.model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert type(loaded.processor).__name__ == "ImageOnlyQwen2_5_VLProcessor"
+    assert loaded.processor.image_processor.patch_size == 14
+    config = json.loads((qwen25_checkpoint / "processor_config.json").read_text())
+    assert config["processor_class"] == "Qwen2_5_VLProcessor"
+
+
+@pytest.fixture(scope="module", params=["qwen3_vl", "qwen2_5_vl"])
+def varied_backend(request, tiny_checkpoint):
+    """A backend whose end-of-turn set includes a frequent token, so answers end at different lengths
+    (once per model family)."""
+    checkpoint = tiny_checkpoint if request.param == "qwen3_vl" else request.getfixturevalue("qwen25_checkpoint")
+    backend = TransformersBackend(checkpoint, device="cpu", dtype="float32", max_batch=64)
+    assert backend.model.config.model_type == request.param
     request = Request(images=[_image(3)], questions=QUESTIONS, max_new_tokens=24)
     tokens = backend.answer_reference(request).token_ids
     first_positions: dict[int, set[int]] = {}
@@ -102,7 +122,7 @@ def test_shared_prefix_equals_reference_token_for_token(varied_backend):
 
 
 @pytest.mark.parametrize("max_batch", [1, 2, 5])
-def test_chunked_batches_give_the_same_answers(tiny_checkpoint, varied_backend, max_batch):
+def test_chunked_batches_give_the_same_answers(varied_backend, max_batch):
     request = Request(images=[_image(4)], questions=QUESTIONS, max_new_tokens=16)
     full = varied_backend.answer(request)
     varied_backend.max_batch = max_batch
@@ -129,14 +149,14 @@ def test_stop_strings_end_rows_early(tiny_backend):
     assert sum(engine.generated_tokens) < sum(reference.generated_tokens)
 
 
-def test_two_image_requests_match_the_reference(tiny_backend):
+def test_two_image_requests_match_the_reference(varied_backend):
     request = Request(
         images=[_image(6), _image(7, 120, 160)],
         questions=[protocol.correspondence_question(x, y) for x, y in [(1, 2), (999, 10), (500, 500)]],
         spec=protocol.CORRESPONDENCE,
         max_new_tokens=12,
     )
-    _assert_same_tokens(tiny_backend.answer(request), tiny_backend.answer_reference(request))
+    _assert_same_tokens(varied_backend.answer(request), varied_backend.answer_reference(request))
 
 
 def test_timings_and_counts_are_reported(tiny_backend):

@@ -1,10 +1,10 @@
-"""``vlm3-ros make-model``: write a randomly initialised Qwen3-VL checkpoint (offline)."""
+"""``vlm3-ros make-model``: write a randomly initialised Qwen3-VL or Qwen2.5-VL checkpoint (offline)."""
 
 from __future__ import annotations
 
 import argparse
 
-HELP = "Write a randomly initialised Qwen3-VL checkpoint of a preset size (test, bench, qwen3-vl-4b), offline."
+HELP = "Write a randomly initialised checkpoint of a preset (test, bench, qwen3-vl-4b, test-qwen2.5-vl), offline."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 from .. import protocol
 from .base import EngineError
 
-__all__ = ["ImageOnlyQwen3VLProcessor", "LoadedCheckpoint", "load_checkpoint", "resolve_checkpoint", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["image_only_processor", "LoadedCheckpoint", "load_checkpoint", "resolve_checkpoint", "SUPPORTED_MODEL_TYPES"]
 
 SUPPORTED_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl", "qwen2_vl")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -25,7 +25,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 _IMAGE_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 
-def _image_only(base):
+def image_only_processor(base):
     """A processor class like ``base`` (a Qwen-VL processor) that has no video processor."""
 
     class ImageOnlyProcessor(base):
@@ -53,17 +53,6 @@ def _processor_classes():
 
     return {"qwen3_vl": Qwen3VLProcessor, "qwen3_vl_moe": Qwen3VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor,
             "qwen2_vl": Qwen2_5_VLProcessor}
-
-
-def __getattr__(name: str):
-    # ``ImageOnlyQwen3VLProcessor`` is built lazily so importing this module does not import transformers.
-    if name == "ImageOnlyQwen3VLProcessor":
-        from transformers import Qwen3VLProcessor
-
-        cls = _image_only(Qwen3VLProcessor)
-        globals()[name] = cls
-        return cls
-    raise AttributeError(name)
 
 
 @dataclass
@@ -144,7 +133,7 @@ def _load_processor(path: Path, model_type: str):
         chat_template = json.loads((path / "chat_template.json").read_text()).get("chat_template", chat_template)
     if not chat_template:
         raise EngineError(f"checkpoint {path} has no chat template (chat_template.jinja or in tokenizer_config.json)")
-    cls = _image_only(_processor_classes()[model_type])
+    cls = image_only_processor(_processor_classes()[model_type])
     return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
 
 

@@ -1,9 +1,9 @@
-"""Small randomly initialised Qwen3-VL checkpoints built offline.
+"""Small randomly initialised Qwen3-VL (and Qwen2.5-VL) checkpoints built offline.
 
 Model hubs are not always reachable (CI, robots without internet), so tests, benchmarks and the
 default model start from checkpoints built here: a byte-level BPE tokenizer trained offline on the
 protocol's own texts (with the Qwen-VL special tokens and a ChatML chat template), a PIL image
-processor, and a Qwen3-VL model of a chosen size. The checkpoint is written with
+processor, and a Qwen3-VL or Qwen2.5-VL model of a chosen size. The checkpoint is written with
 ``save_pretrained`` and is loaded back through exactly the path users use
 (:func:`vlm3_ros.engine.checkpoint.load_checkpoint`).
 
@@ -15,6 +15,8 @@ Presets:
 * ``default``: about 0.9 M parameters, initialised for training: the size of the default model
   that ``vlm3-train default-model`` trains on synthetic scenes on a CPU in minutes.
 * ``qwen3-vl-4b``: the real Qwen3-VL-4B dimensions (random weights), for GPU measurements.
+* ``test-qwen2.5-vl``: the ``test`` size in the Qwen2.5-VL architecture (14 px patches, windowed
+  vision attention, no deepstack), so the engine is tested on both families.
 """
 
 from __future__ import annotations
@@ -81,6 +83,25 @@ CHAT_TEMPLATE = (
 
 
 @dataclass(frozen=True)
+class Family:
+    """What differs between the Qwen-VL architectures a checkpoint can be built in."""
+
+    config_class: str  # transformers class names
+    model_class: str
+    processor_class: str
+    patch_size: int
+    rope: dict[str, Any]  # rope parameters besides the type and mrope_section
+
+
+FAMILIES: dict[str, Family] = {
+    "qwen3_vl": Family("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor", 16,
+                       {"rope_theta": 5_000_000.0, "mrope_interleaved": True}),
+    "qwen2_5_vl": Family("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor", 14,
+                         {"rope_theta": 1_000_000.0}),
+}
+
+
+@dataclass(frozen=True)
 class ModelPreset:
     """Dimensions of a generated checkpoint."""
 
@@ -88,6 +109,7 @@ class ModelPreset:
     vision: dict[str, Any]
     embedding_rows: int | None = None  # None: the tokenizer's size rounded up to a multiple of 64
     initializer_range: float = 0.2
+    family: str = "qwen3_vl"  # a key of FAMILIES
 
 
 PRESETS: dict[str, ModelPreset] = {
@@ -117,6 +139,13 @@ PRESETS: dict[str, ModelPreset] = {
                     deepstack_visual_indexes=[5, 11, 17]),
         embedding_rows=151936,
         initializer_range=0.02,
+    ),
+    "test-qwen2.5-vl": ModelPreset(
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, mrope_section=[2, 3, 3]),
+        vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, window_size=56,
+                    fullatt_block_indexes=[1]),
+        family="qwen2_5_vl",
     ),
 }
 
@@ -181,15 +210,16 @@ def build_checkpoint(
     specs: list[protocol.TaskSpec] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write a randomly initialised Qwen3-VL checkpoint (model, processor, protocol file).
+    """Write a randomly initialised checkpoint (model, processor, protocol file) of a preset.
 
     The directory is written atomically: built in a temporary sibling and renamed into place.
     """
     import torch
-    from transformers import GenerationConfig, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    import transformers
+    from transformers import GenerationConfig
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from .checkpoint import ImageOnlyQwen3VLProcessor
+    from .checkpoint import image_only_processor
 
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -199,38 +229,38 @@ def build_checkpoint(
             raise FileExistsError(f"{output_dir} already exists")
         shutil.rmtree(output_dir)
     cfg = PRESETS[preset]
+    family = FAMILIES[cfg.family]
 
     tokenizer = build_tokenizer(seed=seed)
+    merged_patch = family.patch_size * 2  # the side of one image token in pixels
     image_processor = Qwen2VLImageProcessorPil(
-        patch_size=16,
+        patch_size=family.patch_size,
         temporal_patch_size=2,
         merge_size=2,
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
-        size={"shortest_edge": 64 * 32 * 32, "longest_edge": 16384 * 32 * 32},
+        size={"shortest_edge": 64 * merged_patch**2, "longest_edge": 16384 * merged_patch**2},
     )
-    processor = ImageOnlyQwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    processor_class = image_only_processor(getattr(transformers, family.processor_class))
+    processor = processor_class(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
 
     tid = tokenizer.convert_tokens_to_ids
     text = dict(cfg.text)
     mrope_section = text.pop("mrope_section")
-    config = Qwen3VLConfig(
+    config = getattr(transformers, family.config_class)(
         text_config=dict(
             vocab_size=_embedding_rows(tokenizer, cfg),
             max_position_embeddings=32768,
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 5_000_000.0,
-                "mrope_section": mrope_section,
-                "mrope_interleaved": True,
-            },
+            rope_parameters={"rope_type": "default", "mrope_section": mrope_section, **family.rope},
             initializer_range=cfg.initializer_range,
             tie_word_embeddings=True,
             pad_token_id=tid("<|endoftext|>"),
+            bos_token_id=tid("<|endoftext|>"),
+            eos_token_id=tid("<|im_end|>"),
             **text,
         ),
         vision_config=dict(
-            patch_size=16,
+            patch_size=family.patch_size,
             spatial_merge_size=2,
             temporal_patch_size=2,
             out_hidden_size=cfg.text["hidden_size"],
@@ -245,7 +275,7 @@ def build_checkpoint(
     )
     config.initializer_range = cfg.initializer_range
     torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(config).eval()
+    model = getattr(transformers, family.model_class)(config).eval()
     model.generation_config = GenerationConfig(
         eos_token_id=[tid("<|im_end|>"), tid("<|endoftext|>")],
         pad_token_id=tid("<|endoftext|>"),
