@@ -20,13 +20,14 @@ import math
 import os
 import re
 import string
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
 import numpy as np
+
+from .paths import write_json_atomic
 
 __all__ = [
     "AnswerParseError",
@@ -350,20 +351,7 @@ def save_protocol(directory: str | os.PathLike[str], specs: Mapping[str, TaskSpe
         "version": PROTOCOL_VERSION,
         "tasks": {spec.name: spec.to_dict() for spec in items},
     }
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / PROTOCOL_FILENAME
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".protocol-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=2, ensure_ascii=False)
-            handle.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates the file private; a checkpoint's files are readable
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return write_json_atomic(Path(directory) / PROTOCOL_FILENAME, payload, default=None)
 
 
 def load_protocol(directory: str | os.PathLike[str]) -> dict[str, TaskSpec] | None:

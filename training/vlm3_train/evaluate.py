@@ -26,6 +26,7 @@ Outputs: ``report.json`` and PNG plots (error histograms, trajectory top views) 
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -40,6 +41,7 @@ import numpy as np
 
 from vlm3_ros import metrics, protocol
 from vlm3_ros.engine.base import Backend, GroundTruth, Request
+from vlm3_ros.paths import write_atomic, write_json_atomic
 from vlm3_ros.protocol import AnswerParseError, ProtocolError, TaskSpec
 
 __all__ = [
@@ -344,8 +346,10 @@ def write_plots(out: Path, results: TaskResults, rot: np.ndarray | None, trans: 
 
     def save(fig, name: str) -> None:
         fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=100)
         plt.close(fig)
+        write_atomic(out / name, png.getvalue())
         written.append(name)
 
     if results.depth_gt:
@@ -555,15 +559,7 @@ def _write_report(path: Path, report: Mapping[str, Any]) -> None:
             return value.item()
         return str(value)
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".report-")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(report, handle, indent=2, default=default)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(path, report, default=default)
 
 
 def evaluate_bags(backend: Backend, bags: Sequence[str | os.PathLike[str]], output: str | os.PathLike[str] | None, *,

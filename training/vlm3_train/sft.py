@@ -32,6 +32,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from vlm3_ros import protocol
+from vlm3_ros.paths import write_json_atomic
 from vlm3_ros.protocol import TaskSpec
 
 from .collate import SFTCollator
@@ -460,19 +461,6 @@ def _check_resume(run_dir: Path, config: TrainConfig) -> None:
         raise TrainError(f"cannot resume {run_dir}: settings differ from the interrupted run: {changed}")
 
 
-def _write_json_atomic(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2, default=str)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def export_checkpoint(model, processor, specs: Mapping[str, TaskSpec], output: str | os.PathLike[str], *,
                       record: Mapping[str, Any] | None = None, adapter: bool = False, overwrite: bool = False) -> Path:
     """Write a trained model as a checkpoint directory, atomically.
@@ -498,7 +486,7 @@ def export_checkpoint(model, processor, specs: Mapping[str, TaskSpec], output: s
         processor.save_pretrained(tmp)
         protocol.save_protocol(tmp, dict(specs))
         if record is not None:
-            _write_json_atomic(tmp / TRAINING_RECORD, dict(record))
+            write_json_atomic(tmp / TRAINING_RECORD, dict(record))
         _fsync_tree(tmp)
         if output.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{output.name}-old-", dir=output.parent))
@@ -599,7 +587,7 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> TrainResult:
 
         trainer.remove_callback(PrinterCallback)  # no per-step log lines either
     if trainer.is_world_process_zero():
-        _write_json_atomic(run_dir / RUN_RECORD, _run_record(config))
+        write_json_atomic(run_dir / RUN_RECORD, _run_record(config))
     if config.progress and trainer.is_world_process_zero():
         print(
             f"training {config.model} on {len(dataset)} items ({dataset.num_labels_hint()} questions) from "

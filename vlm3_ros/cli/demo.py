@@ -12,17 +12,19 @@ A second run reuses the model and the input bag and runs the nodes again.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..paths import write_atomic, write_json_atomic
 
 HELP = "The main job: default model, a synthetic bag, the ROS 2 nodes through vlm3-ros play, outputs and a summary."
 
@@ -228,14 +230,6 @@ def _write_bag(recorder: Recorder, path: Path) -> Path:
     return path
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def _ply(points: np.ndarray, colours: np.ndarray) -> bytes:
     header = (
         "ply\nformat binary_little_endian 1.0\n"
@@ -266,12 +260,10 @@ def _plot(path: Path, estimated: np.ndarray, truth: np.ndarray, title: str) -> N
     ax.grid(True)
     ax.legend()
     ax.set_title(title)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_atomic(path, png.getvalue())
 
 
 def _analyse(recorder: Recorder, bag: Path, points_per_frame: int, output: Path) -> dict[str, Any]:
@@ -331,7 +323,7 @@ def _analyse(recorder: Recorder, bag: Path, points_per_frame: int, output: Path)
     ply_path = output / "cloud_odom.ply"
     cloud_points = np.concatenate(world_points) if world_points else np.zeros((0, 3))
     cloud_colours = np.concatenate(world_colours) if world_colours else np.zeros((0, 3), np.uint8)
-    _atomic_write(ply_path, _ply(cloud_points, cloud_colours))
+    write_atomic(ply_path, _ply(cloud_points, cloud_colours))
     return {"depth": depth, "trajectory": trajectory, "cloud_points": int(len(cloud_points)),
             "files": {"ply": str(ply_path), "trajectory_plot": str(plot_path) if plot_path.exists() else None}}
 
@@ -380,7 +372,7 @@ def run(args: argparse.Namespace) -> int:
         "seconds": round(time.perf_counter() - t0, 1),
     }
     metrics_path = args.output / "metrics.json"
-    _atomic_write(metrics_path, (json.dumps(report, indent=2, default=float) + "\n").encode())
+    write_json_atomic(metrics_path, report, default=float)
     _summary(report, metrics_path)
     return 0 if analysis["depth"]["frames_with_cloud"] > 0 else 1
 
