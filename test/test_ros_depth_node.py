@@ -32,7 +32,6 @@ from vlm3_ros import msg_codec  # noqa: E402
 from vlm3_ros.camera import Intrinsics  # noqa: E402
 from vlm3_ros.pipeline import query_grid  # noqa: E402
 from vlm3_ros.ros import backends  # noqa: E402
-from vlm3_ros.ros import conversions as cv  # noqa: E402
 from vlm3_ros.ros.depth_node import DepthNode  # noqa: E402
 
 

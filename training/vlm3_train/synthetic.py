@@ -29,7 +29,6 @@ Everything is deterministic for a seed. Typical use::
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ import numpy as np
 
 from vlm3_ros.camera import Intrinsics
 from vlm3_ros.geometry import euler_to_matrix, make_pose
+from vlm3_ros.paths import write_json_atomic
 
 __all__ = [
     "Box",
@@ -811,9 +811,6 @@ def synthesize(out_dir: str | os.PathLike[str], *, scenes: int = 4, frames: int 
         seq = generate_sequence(seed, frames, intrinsics, scene_index=k, supersample=supersample)
         bag = out / f"scene_{k:03d}"
         write_bag(seq, bag, storage=storage, depth_encoding=depth_encoding, overwrite=overwrite, progress=progress)
-        description = out / f"scene_{k:03d}.json"
-        tmp = description.with_name(description.name + ".tmp")
-        tmp.write_text(json.dumps(seq.to_dict()) + "\n", encoding="utf-8")
-        os.replace(tmp, description)
+        write_json_atomic(out / f"scene_{k:03d}.json", seq.to_dict(), default=None)
         paths.append(bag)
     return paths
