@@ -8,6 +8,7 @@ configuration with the PIL image processor, so no video processor (and no torchv
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any, Mapping
 from .. import protocol
 from .base import EngineError
 
-__all__ = ["image_only_processor", "LoadedCheckpoint", "load_checkpoint", "resolve_checkpoint", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["processor_class", "LoadedCheckpoint", "load_checkpoint", "resolve_checkpoint", "SUPPORTED_MODEL_TYPES"]
 
 SUPPORTED_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl", "qwen2_vl")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -25,7 +26,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 _IMAGE_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 
-def image_only_processor(base):
+def _image_only(base):
     """A processor class like ``base`` (a Qwen-VL processor) that has no video processor."""
 
     class ImageOnlyProcessor(base):
@@ -48,11 +49,14 @@ def image_only_processor(base):
     return ImageOnlyProcessor
 
 
-def _processor_classes():
+@functools.cache
+def processor_class(model_type: str):
+    """The image-only processor class for a checkpoint's ``model_type`` (one of SUPPORTED_MODEL_TYPES)."""
     from transformers import Qwen2_5_VLProcessor, Qwen3VLProcessor
 
-    return {"qwen3_vl": Qwen3VLProcessor, "qwen3_vl_moe": Qwen3VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor,
-            "qwen2_vl": Qwen2_5_VLProcessor}
+    base = {"qwen3_vl": Qwen3VLProcessor, "qwen3_vl_moe": Qwen3VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor,
+            "qwen2_vl": Qwen2_5_VLProcessor}[model_type]
+    return _image_only(base)
 
 
 @dataclass
@@ -133,8 +137,7 @@ def _load_processor(path: Path, model_type: str):
         chat_template = json.loads((path / "chat_template.json").read_text()).get("chat_template", chat_template)
     if not chat_template:
         raise EngineError(f"checkpoint {path} has no chat template (chat_template.jinja or in tokenizer_config.json)")
-    cls = image_only_processor(_processor_classes()[model_type])
-    return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
+    return processor_class(model_type)(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
 
 
 def pick_device_dtype(device: str | None = "auto", dtype: str | None = "auto"):

@@ -84,19 +84,19 @@ CHAT_TEMPLATE = (
 
 @dataclass(frozen=True)
 class Family:
-    """What differs between the Qwen-VL architectures a checkpoint can be built in."""
+    """What differs between the Qwen-VL architectures a checkpoint can be built in (keyed by the
+    checkpoint's ``model_type``, which also picks the processor class)."""
 
     config_class: str  # transformers class names
     model_class: str
-    processor_class: str
     patch_size: int
     rope: dict[str, Any]  # rope parameters besides the type and mrope_section
 
 
 FAMILIES: dict[str, Family] = {
-    "qwen3_vl": Family("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor", 16,
+    "qwen3_vl": Family("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", 16,
                        {"rope_theta": 5_000_000.0, "mrope_interleaved": True}),
-    "qwen2_5_vl": Family("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor", 14,
+    "qwen2_5_vl": Family("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", 14,
                          {"rope_theta": 1_000_000.0}),
 }
 
@@ -109,7 +109,7 @@ class ModelPreset:
     vision: dict[str, Any]
     embedding_rows: int | None = None  # None: the tokenizer's size rounded up to a multiple of 64
     initializer_range: float = 0.2
-    family: str = "qwen3_vl"  # a key of FAMILIES
+    family: str = "qwen3_vl"  # a key of FAMILIES (a model_type)
 
 
 PRESETS: dict[str, ModelPreset] = {
@@ -219,7 +219,7 @@ def build_checkpoint(
     from transformers import GenerationConfig
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from .checkpoint import image_only_processor
+    from .checkpoint import processor_class
 
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -241,8 +241,7 @@ def build_checkpoint(
         image_std=[0.5, 0.5, 0.5],
         size={"shortest_edge": 64 * merged_patch**2, "longest_edge": 16384 * merged_patch**2},
     )
-    processor_class = image_only_processor(getattr(transformers, family.processor_class))
-    processor = processor_class(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    processor = processor_class(cfg.family)(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
 
     tid = tokenizer.convert_tokens_to_ids
     text = dict(cfg.text)
