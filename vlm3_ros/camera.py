@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Tuple, Union
 import cv2
 import numpy as np
 
+from .geometry import nearest_pixel
 from .protocol import Preprocess, ProtocolError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -68,6 +69,9 @@ __all__ = [
     "preparation_map",
     "prepare_depth",
     "resize_image",
+    "normalized_rays",
+    "project_points",
+    "project_cloud",
 ]
 
 
@@ -388,6 +392,59 @@ def _as_points(uv: Any) -> Tuple[np.ndarray, Tuple[int, ...]]:
     if pts.ndim == 0 or pts.shape[-1] != 2:
         raise CameraError(f"points must have shape (..., 2), got {pts.shape}")
     return pts.reshape(-1, 2), pts.shape
+
+
+def normalized_rays(uv: Any, intrinsics: Intrinsics) -> np.ndarray:
+    """Rays ``(N, 3)`` with unit z through pixels ``uv`` ``(N, 2)`` of a camera, its lens
+    distortion undone (NaN rays where the distortion cannot be inverted)."""
+    pts, _ = _as_points(uv)
+    if not intrinsics.has_distortion:
+        xy = (pts - (intrinsics.cx, intrinsics.cy)) / (intrinsics.fx, intrinsics.fy)
+    else:
+        xy = _undistort(pts, intrinsics)
+    return np.concatenate([xy, np.ones((len(xy), 1))], axis=1)
+
+
+def project_points(points: Any, intrinsics: Intrinsics) -> Tuple[np.ndarray, np.ndarray]:
+    """Camera-frame points ``(N, 3)`` -> pixels ``(N, 2)`` through the lens model, and z ``(N,)``.
+
+    Points with ``z <= 0`` get NaN pixels."""
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    z = points[:, 2].copy()
+    front = z > 1e-9
+    uv = np.full((len(points), 2), np.nan)
+    if front.any():
+        xy = points[front, :2] / z[front, None]
+        if not intrinsics.has_distortion:
+            uv[front] = xy * (intrinsics.fx, intrinsics.fy) + (intrinsics.cx, intrinsics.cy)
+        else:
+            uv[front] = _distort(xy, intrinsics)
+    return uv, z
+
+
+def project_cloud(points: Any, T_camera_cloud: Any, intrinsics: Intrinsics, min_depth: float = 1e-3) -> np.ndarray:
+    """A sparse depth image (z metres, NaN where no point) from a point cloud ``(N, 3)``.
+
+    Points are moved into the camera frame by ``T_camera_cloud`` (4x4), projected through the
+    lens model and z-buffered: a pixel keeps the nearest point that projects onto it.
+    """
+    T = np.asarray(T_camera_cloud, dtype=np.float64)
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    pts = pts[np.all(np.isfinite(pts), axis=1)]
+    cam = pts @ T[:3, :3].T + T[:3, 3]
+    cam = cam[cam[:, 2] > min_depth]
+    uv, z = project_points(cam, intrinsics)
+    cols, rows, inside = nearest_pixel(uv, intrinsics.width, intrinsics.height)
+    depth = np.full((intrinsics.height, intrinsics.width), np.nan, dtype=np.float32)
+    if not inside.any():
+        return depth
+    lin = rows[inside] * intrinsics.width + cols[inside]
+    zz = z[inside]
+    order = np.argsort(zz, kind="stable")
+    lin, zz = lin[order], zz[order]
+    unique, first = np.unique(lin, return_index=True)  # first occurrence = nearest point
+    depth.ravel()[unique] = zz[first]
+    return depth
 
 
 @dataclass(frozen=True)

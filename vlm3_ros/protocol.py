@@ -354,9 +354,11 @@ def save_protocol(directory: str | os.PathLike[str], specs: Mapping[str, TaskSpe
     return write_json_atomic(Path(directory) / PROTOCOL_FILENAME, payload, default=None)
 
 
-def load_protocol(directory: str | os.PathLike[str]) -> dict[str, TaskSpec] | None:
-    """Read a checkpoint's protocol file; ``None`` when the directory has none."""
-    path = Path(directory) / PROTOCOL_FILENAME
+def load_protocol(path: str | os.PathLike[str]) -> dict[str, TaskSpec] | None:
+    """Read a protocol file: a checkpoint directory's (``None`` when it has none) or a file itself."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / PROTOCOL_FILENAME
     if not path.is_file():
         return None
     try:

@@ -16,6 +16,7 @@ from vlm3_ros.camera import Intrinsics, preparation_map
 from vlm3_ros.geometry import relative_pose, rotation_angle
 
 from vlm3_train import convert as cv
+from vlm3_train.convert import samples as samples_module
 from vlm3_train import synthetic as syn
 
 CAM = Intrinsics.from_focal(96, 72, 80.0)
@@ -286,7 +287,7 @@ def test_summary_counts_unpaired_corrupt_and_out_of_range(tmp_path):
 def test_failure_or_interrupt_leaves_no_dataset(synthetic, tmp_path, monkeypatch):
     _, bag, result = synthetic
     calls = {"n": 0}
-    real = cv._png_bytes
+    real = samples_module.png_bytes
 
     def interrupted(rgb):
         calls["n"] += 1
@@ -294,7 +295,7 @@ def test_failure_or_interrupt_leaves_no_dataset(synthetic, tmp_path, monkeypatch
             raise KeyboardInterrupt  # what Ctrl-C does in the middle of a conversion
         return real(rgb)
 
-    monkeypatch.setattr(cv, "_png_bytes", interrupted)
+    monkeypatch.setattr(samples_module, "png_bytes", interrupted)
     with pytest.raises(KeyboardInterrupt):
         cv.convert_bags([bag], tmp_path / "ds", cv.ConvertOptions(), progress=False)
     assert calls["n"] == 4
@@ -308,7 +309,7 @@ def test_failure_or_interrupt_leaves_no_dataset(synthetic, tmp_path, monkeypatch
         cv.convert_bags([bag], existing, cv.ConvertOptions(), overwrite=True, progress=False)
     assert [p.name for p in tmp_path.iterdir()] == ["existing"] and (existing / "marker").read_text() == "old"
     # A bag that is not one fails after the first bag was converted: nothing is left either.
-    monkeypatch.setattr(cv, "_png_bytes", real)
+    monkeypatch.setattr(samples_module, "png_bytes", real)
     not_a_bag = tmp_path / "not_a_bag"
     not_a_bag.mkdir()
     with pytest.raises(Exception, match="not a rosbag2 directory"):
