@@ -344,3 +344,72 @@ def test_spec_question_errors():
         p.DEPTH.question("nope", nx=1, ny=2)
     with pytest.raises(p.ProtocolError, match="needs field"):
         p.DEPTH.question(nx=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Compact specs (checkpoints trained by this project)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_compact_specs_are_short_and_keep_the_vlm3_preprocessing():
+    depth, corr, pose = (p.COMPACT_TASKS[t] for t in ("depth", "correspondence", "pose"))
+    assert depth.question(nx=12, ny=1034) == "depth 12 1034" and depth.answer(distance=2.345) == "2.35"
+    assert corr.question(nx=5, ny=999) == "match 5 999" and p.format_correspondence_answer(12.4, 55.6, corr) == "12,56"
+    assert list(p.pose_questions(pose).values()) == ["rotation", "direction", "distance"]
+    assert (depth.preprocess, depth.coord_scale, depth.option("depth_kind")) == (p.DEPTH.preprocess, 2000, "ray")
+    assert (corr.preprocess, pose.preprocess) == (p.CORRESPONDENCE.preprocess, p.POSE.preprocess)
+    assert not depth.stop_strings  # the end of the turn ends the answer
+    small = p.compact_specs(depth_focal=256, correspondence_max_edge=224, pose_focal=160, coord_scale=100)
+    assert small["depth"].preprocess == p.Preprocess("focal", 256.0, undistort=True)
+    assert small["correspondence"].preprocess.value == 224.0 and small["pose"].preprocess.value == 160.0
+    assert small["depth"].coord_scale == small["correspondence"].coord_scale == 100
+    # The released checkpoints' specs are untouched.
+    assert p.TASKS["depth"].question(nx=10, ny=20) == DEPTH_Q_10_20
+
+
+@given(yaw=st.floats(-170, 170), pitch=st.floats(-80, 80), roll=st.floats(-170, 170),
+       direction=st.tuples(*[st.floats(-1, 1)] * 3).filter(lambda v: np.linalg.norm(v) > 0.1),
+       distance=st.floats(0.01, 50.0))
+@settings(max_examples=60, deadline=None)
+def test_compact_pose_round_trip(yaw, pitch, roll, direction, distance):
+    spec = p.COMPACT_POSE
+    R = Rotation.from_euler("YXZ", [yaw, pitch, roll], degrees=True).as_matrix()
+    t = np.asarray(direction) / np.linalg.norm(direction) * distance
+    answers = p.format_pose_answers(R, t, spec)
+    assert all(set(a) <= set("+-.0123456789 ") for a in answers.values())  # numbers only
+    pose = p.parse_pose_answers(answers, spec)
+    assert math.degrees(Rotation.from_matrix(pose.R.T @ R).magnitude()) < 0.1
+    assert np.degrees(np.arccos(np.clip(pose.direction @ (t / distance), -1, 1))) < 1.0
+    assert pose.distance == pytest.approx(distance, abs=0.005 + 1e-9) and pose.angle_deg is None
+
+
+def test_answers_are_read_with_the_spec_template_first():
+    depth, corr = p.COMPACT_DEPTH, p.COMPACT_CORRESPONDENCE
+    assert depth.parse_answer(" 3.25 ") == {"distance": 3.25}
+    assert p.parse_depth_answer("3.25", depth) == 3.25
+    assert p.parse_correspondence_answer("12,56", corr) == (12.0, 56.0)
+    # Another form falls back to the lenient parsers; nothing is guessed.
+    assert p.parse_depth_answer("<answer> 1.5 </answer>", depth) == 1.5
+    assert p.parse_correspondence_answer("(3, 4)", corr) == (3.0, 4.0)
+    for text in ("3.25 4.5", "far", ""):
+        with pytest.raises(p.AnswerParseError):
+            p.parse_depth_answer(text, depth)
+    with pytest.raises(p.AnswerParseError, match="not in the answer format"):
+        corr.parse_answer("12 56")
+    with pytest.raises(p.AnswerParseError, match="not positive"):
+        p.parse_depth_answer("0.00", depth)
+    with pytest.raises(p.AnswerParseError, match="zero direction"):
+        p.parse_pose_answers({"euler": "+1.0 +0.0 +0.0", "translation_direction": "+0.00 +0.00 +0.00"}, p.COMPACT_POSE)
+    # A field repeated in a template must repeat its value (the VLM3 depth answer states it twice).
+    vlm3 = p.format_depth_answer(2.5)
+    assert p.DEPTH.parse_answer(vlm3) == {"distance": 2.5}
+    with pytest.raises(p.AnswerParseError):
+        p.DEPTH.parse_answer(vlm3.replace("<answer> 2.50", "<answer> 3.50"))
+    assert p.parse_depth_answer(vlm3.replace("<answer> 2.50", "<answer> 3.50"), p.DEPTH) == 3.5  # the answer tag
+
+
+def test_compact_specs_round_trip_through_the_protocol_file(tmp_path):
+    specs = p.compact_specs(depth_focal=256, coord_scale=100)
+    p.save_protocol(tmp_path, specs)
+    assert p.load_protocol(tmp_path) == specs
+    assert p.load_protocol(tmp_path / p.PROTOCOL_FILENAME) == specs  # the file itself reads too

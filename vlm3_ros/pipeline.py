@@ -181,7 +181,8 @@ class DepthEstimator:
         if reference_depth is not None:
             gt = GroundTruth(depth=prepare_depth(reference_depth, prepared), K=prepared.intrinsics.K)
         response = _ask(self.backend, [_rgb(prepared)], questions, self.spec, self.max_new_tokens, gt) if len(index) else None
-        values, parse_errors = _parse_all(protocol.parse_depth_answer, response.answers if response else [])
+        values, parse_errors = _parse_all(lambda text: protocol.parse_depth_answer(text, self.spec),
+                                          response.answers if response else [])
 
         n = len(uv)
         distance = np.full(n, np.nan)
@@ -274,7 +275,8 @@ class CorrespondenceMatcher:
                 size2=(p2.width, p2.height),
             )
         response = _ask(self.backend, [_rgb(p1), _rgb(p2)], questions, self.spec, self.max_new_tokens, gt) if len(index) else None
-        values, parse_errors = _parse_all(protocol.parse_correspondence_answer, response.answers if response else [])
+        values, parse_errors = _parse_all(lambda text: protocol.parse_correspondence_answer(text, self.spec),
+                                          response.answers if response else [])
         n = len(uv1)
         uv2 = np.full((n, 2), np.nan)
         answers: list[str | None] = [None] * n
@@ -334,7 +336,7 @@ class PoseEstimator:
         response = _ask(self.backend, [_rgb(p1), _rgb(p2)], questions, self.spec, self.max_new_tokens, gt)
         answers = dict(zip(self.question_ids, response.answers))
         try:
-            pose = protocol.parse_pose_answers(answers)
+            pose = protocol.parse_pose_answers(answers, self.spec)
             error = None
         except protocol.ProtocolError as exc:
             pose, error = None, str(exc)

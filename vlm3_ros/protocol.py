@@ -5,10 +5,13 @@ prepared (focal unification or max-edge resize), the range pixel coordinates are
 the question templates, the training answer templates and the strings that end an answer. The
 built-in specs (:data:`DEPTH`, :data:`CORRESPONDENCE`, :data:`POSE`, :data:`OBJECT`) reproduce the
 released checkpoints byte for byte; a checkpoint trained by this project carries its own specs in a
-small JSON file (:func:`save_protocol` / :func:`load_protocol`).
+small JSON file (:func:`save_protocol` / :func:`load_protocol`), for example the compact specs
+(:data:`COMPACT_TASKS`, :func:`compact_specs`): a few tokens naming the task and the text
+coordinates, answered with the number(s) only.
 
-Parsers accept think blocks, surrounding whitespace, explicit signs and missing tags where the
-answer is still unambiguous. Anything else raises :class:`AnswerParseError`, which names the task
+Given a spec, an answer is first read with the spec's own answer template (its numeric fields);
+otherwise the task's lenient parser reads it: parsers accept think blocks, surrounding whitespace,
+explicit signs and missing tags where the answer is still unambiguous. Anything else raises :class:`AnswerParseError`, which names the task
 and quotes the text; a parser never returns a guess.
 """
 
@@ -31,6 +34,10 @@ from .paths import write_json_atomic
 
 __all__ = [
     "AnswerParseError",
+    "COMPACT_CORRESPONDENCE",
+    "COMPACT_DEPTH",
+    "COMPACT_POSE",
+    "COMPACT_TASKS",
     "CORRESPONDENCE",
     "DEPTH",
     "OBJECT",
@@ -43,6 +50,7 @@ __all__ = [
     "TASKS",
     "TaskSpec",
     "bbox_reference",
+    "compact_specs",
     "correspondence_question",
     "denormalize_point",
     "depth_question",
@@ -194,6 +202,43 @@ class TaskSpec:
                     return qid, {k: float(v) for k, v in match.groupdict().items()}
         raise ProtocolError(f"not a {self.name} question of this protocol: {text[:200]!r}")
 
+    def parse_answer(self, text: str, question_id: str | None = None) -> dict[str, float]:
+        """The numeric fields of an answer written exactly in this spec's answer template (surrounding
+        whitespace aside); a field that appears twice must carry the same value both times.
+
+        Raises:
+            AnswerParseError: the text does not have the template's form.
+        """
+        qid = question_id or next(iter(self.answers), None)
+        template = self.answers.get(qid) if qid is not None else None
+        if template is None:
+            raise ProtocolError(f"task {self.name!r} has no answer template {question_id!r}")
+        match = _answer_regex(template).fullmatch(text.strip())
+        if match is None:
+            raise AnswerParseError(self.name, text, f"not in the answer format {template!r}")
+        values = {k: float(v) for k, v in match.groupdict().items()}
+        for name, value in values.items():
+            if not math.isfinite(value):
+                raise AnswerParseError(self.name, text, f"{name} {value} is not finite")
+        return values
+
+    def answer_complete(self, text: str, question_id: str | None = None) -> bool:
+        """Whether ``text`` is already a whole answer in the answer template: the template ends with
+        a number of fixed precision (e.g. ``{distance:.2f}``) and the text has all of it, so nothing
+        more can belong to the answer. False for templates that need the end of the turn to end
+        (a trailing integer or text)."""
+        pattern = self._complete_pattern(question_id)
+        return bool(pattern is not None and pattern.fullmatch(text))
+
+    def answer_can_complete(self, question_id: str | None = None) -> bool:
+        """Whether answers to this question can be whole before the end of the turn (see :meth:`answer_complete`)."""
+        return self._complete_pattern(question_id) is not None
+
+    def _complete_pattern(self, question_id: str | None) -> re.Pattern[str] | None:
+        qid = question_id or next(iter(self.answers), None)
+        template = self.answers.get(qid) if qid is not None else None
+        return _complete_regex(template) if template is not None else None
+
     def option(self, key: str, default: Any = None) -> Any:
         return self.options.get(key, default)
 
@@ -238,6 +283,42 @@ def _template_regex(template: str) -> re.Pattern[str]:
         if name:
             parts.append(rf"(?P<{name}>[-+]?\d+(?:\.\d+)?)")
     return re.compile("".join(parts), re.DOTALL)
+
+
+@functools.lru_cache(maxsize=64)
+def _answer_regex(template: str) -> re.Pattern[str]:
+    """A template's literal text with each field a number (a repeated field must repeat its value)."""
+    parts, seen = [], set()
+    for literal, name, _spec, _conv in string.Formatter().parse(template):
+        parts.append(re.escape(literal))
+        if name:
+            parts.append(f"(?P={name})" if name in seen else rf"(?P<{name}>{_NUM})")
+            seen.add(name)
+    return re.compile("".join(parts), re.DOTALL)
+
+
+@functools.lru_cache(maxsize=64)
+def _complete_regex(template: str) -> re.Pattern[str] | None:
+    """The whole answers of a template that ends with a fixed-precision number, else None."""
+    parts = list(string.Formatter().parse(template))
+    if not parts or parts[-1][1] is None or parts[-1][0] is None:
+        return None
+    pieces = []
+    for literal, name, spec, _conv in parts:
+        pieces.append(re.escape(literal or ""))
+        if name is None:
+            continue
+        fixed = re.fullmatch(r"(\+)?\.(\d+)f", spec or "")
+        if fixed is None:
+            if name == parts[-1][1]:
+                return None
+            pieces.append(_NUM)
+        else:
+            sign = "[-+]" if fixed.group(1) else "-?"
+            pieces.append(rf"{sign}\d+\.\d{{{int(fixed.group(2))}}}" if int(fixed.group(2)) else rf"{sign}\d+")
+    if parts[-1][2] is None or not re.fullmatch(r"(\+)?\.(\d+)f", parts[-1][2]):
+        return None
+    return re.compile("".join(pieces))
 
 
 DEPTH_QUESTION = (
@@ -334,6 +415,42 @@ OBJECT = TaskSpec(
 )
 
 TASKS: Mapping[str, TaskSpec] = MappingProxyType({s.name: s for s in (DEPTH, CORRESPONDENCE, POSE, OBJECT)})
+
+# Compact specs for checkpoints trained by this project: a few tokens naming the task and the
+# text coordinates, answered with the number(s) only (no think block, no tags: the end of the
+# turn ends the answer). The preprocessing is the released checkpoints'; a small model replaces it
+# with its own (:func:`compact_specs`).
+COMPACT_DEPTH = replace(DEPTH, questions={"depth": "depth {nx} {ny}"}, answers={"depth": "{distance:.2f}"},
+                        stop_strings=())
+COMPACT_CORRESPONDENCE = replace(CORRESPONDENCE, questions={"correspondence": "match {nx} {ny}"},
+                                 answers={"correspondence": "{x},{y}"}, options={})
+COMPACT_POSE = replace(
+    POSE,
+    questions={"euler": "rotation", "translation_direction": "direction", "translation_distance": "distance"},
+    answers={"euler": "{yaw:+.1f} {pitch:+.1f} {roll:+.1f}", "translation_direction": "{x:+.2f} {y:+.2f} {z:+.2f}",
+             "translation_distance": "{distance:.2f}"},
+    options={},
+)
+COMPACT_TASKS: Mapping[str, TaskSpec] = MappingProxyType(
+    {s.name: s for s in (COMPACT_DEPTH, COMPACT_CORRESPONDENCE, COMPACT_POSE)})
+
+
+def compact_specs(*, depth_focal: float | None = None, correspondence_max_edge: float | None = None,
+                  pose_focal: float | None = None, coord_scale: int | None = None) -> dict[str, TaskSpec]:
+    """The compact specs with another preprocessing or coordinate range (for a small model: fewer
+    image tokens, two-digit coordinates); ``None`` keeps a value of :data:`COMPACT_TASKS`."""
+    out = dict(COMPACT_TASKS)
+    if depth_focal is not None:
+        out["depth"] = replace(out["depth"], preprocess=Preprocess("focal", float(depth_focal), undistort=True))
+    if correspondence_max_edge is not None:
+        out["correspondence"] = replace(out["correspondence"],
+                                        preprocess=Preprocess("max_edge", float(correspondence_max_edge)))
+    if pose_focal is not None:
+        out["pose"] = replace(out["pose"], preprocess=Preprocess("focal", float(pose_focal), undistort=True))
+    if coord_scale is not None:
+        for name in ("depth", "correspondence"):
+            out[name] = replace(out[name], coord_scale=int(coord_scale))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,10 +601,25 @@ def format_depth_answer(distance: float, spec: TaskSpec = DEPTH) -> str:
     return spec.answer(distance=float(distance))
 
 
-def parse_depth_answer(text: str) -> float:
-    """Distance in metres from a depth answer (``<answer> 1.23 </answer>``, or a bare number)."""
-    body = _answer_body("depth", text)
-    value = _single_number("depth", text, body)
+def _template_fields(spec: TaskSpec | None, question_id: str | None, text: str) -> dict[str, float] | None:
+    """The answer's fields read with ``spec``'s answer template, or None (no spec, no such template,
+    or another form: the lenient parsers then read it)."""
+    if spec is None or (question_id or next(iter(spec.answers), None)) not in spec.answers:
+        return None
+    try:
+        return spec.parse_answer(text, question_id)
+    except AnswerParseError:
+        return None
+
+
+def parse_depth_answer(text: str, spec: TaskSpec | None = None) -> float:
+    """Distance in metres from a depth answer: in ``spec``'s answer format, or leniently
+    (``<answer> 1.23 </answer>``, or a bare number)."""
+    fields = _template_fields(spec, None, text)
+    if fields is not None and "distance" in fields:
+        value = fields["distance"]
+    else:
+        value = _single_number("depth", text, _answer_body("depth", text))
     if value <= 0:
         raise AnswerParseError("depth", text, f"distance {value} is not positive")
     return value
@@ -514,8 +646,12 @@ def format_correspondence_answer(x: float, y: float, spec: TaskSpec = CORRESPOND
     return spec.answer(x=int(round(x)), y=int(round(y)))
 
 
-def parse_correspondence_answer(text: str) -> tuple[float, float]:
-    """Image-2 text coordinates (x, y) from a correspondence answer."""
+def parse_correspondence_answer(text: str, spec: TaskSpec | None = None) -> tuple[float, float]:
+    """Image-2 text coordinates (x, y) from a correspondence answer (in ``spec``'s answer format,
+    or leniently: ``(x, y)`` or ``x, y``, possibly after thinking)."""
+    fields = _template_fields(spec, None, text)
+    if fields is not None and {"x", "y"} <= set(fields):
+        return fields["x"], fields["y"]
     body = _answer_body("correspondence", text)
     pairs = {(m.group(1), m.group(2)) for m in _PAIR_RE.finditer(body)}
     if len(pairs) > 1:
@@ -670,8 +806,26 @@ def _parse_distance(text: str) -> float:
     return value
 
 
-def parse_pose_answers(answers: Mapping[str, str]) -> RelativePose:
-    """Read the pose answers (question id -> answer text) into a :class:`RelativePose`.
+# The fields each pose question answers, and its lenient parser.
+_POSE_FIELDS: Mapping[str, tuple[tuple[str, ...], Any]] = {
+    "rotation_angle": (("angle",), lambda text: (_parse_angle(text),)),
+    "euler": (("yaw", "pitch", "roll"), _parse_euler),
+    "translation_direction": (("x", "y", "z"), _parse_direction),
+    "translation_distance": (("distance",), lambda text: (_parse_distance(text),)),
+}
+
+
+def _pose_fields(qid: str, text: str, spec: TaskSpec | None) -> dict[str, float]:
+    names, lenient = _POSE_FIELDS[qid]
+    fields = _template_fields(spec, qid, text)
+    if fields is not None and set(names) <= set(fields):
+        return {k: fields[k] for k in names}
+    return dict(zip(names, (float(v) for v in lenient(text))))
+
+
+def parse_pose_answers(answers: Mapping[str, str], spec: TaskSpec | None = None) -> RelativePose:
+    """Read the pose answers (question id -> answer text) into a :class:`RelativePose`, each in
+    ``spec``'s answer format or leniently.
 
     ``euler`` and ``translation_direction`` are required; ``translation_distance`` and
     ``rotation_angle`` are optional.
@@ -679,11 +833,23 @@ def parse_pose_answers(answers: Mapping[str, str]) -> RelativePose:
     missing = [qid for qid in ("euler", "translation_direction") if qid not in answers]
     if missing:
         raise ProtocolError(f"pose answers need {missing}; got {sorted(answers)}")
-    yaw, pitch, roll = _parse_euler(answers["euler"])
-    direction = _parse_direction(answers["translation_direction"])
-    distance = _parse_distance(answers["translation_distance"]) if "translation_distance" in answers else None
-    angle = _parse_angle(answers["rotation_angle"]) if "rotation_angle" in answers else None
-    return RelativePose(R=_matrix_yxz(yaw, pitch, roll), direction=direction, distance=distance, angle_deg=angle)
+    fields: dict[str, float] = {}
+    for qid in _POSE_FIELDS:
+        if qid in answers:
+            fields.update(_pose_fields(qid, answers[qid], spec))
+    text = answers["translation_direction"]
+    v = np.array([fields["x"], fields["y"], fields["z"]])
+    if float(np.linalg.norm(v)) < 1e-6:
+        raise AnswerParseError("pose translation_direction", text, "zero direction vector")
+    angle = fields.get("angle")
+    if angle is not None and not 0.0 <= angle <= 180.0:
+        raise AnswerParseError("pose rotation_angle", answers["rotation_angle"], f"angle {angle} outside [0, 180]")
+    distance = fields.get("distance")
+    if distance is not None and distance < 0:
+        raise AnswerParseError("pose translation_distance", answers["translation_distance"],
+                               f"negative distance {distance}")
+    return RelativePose(R=_matrix_yxz(fields["yaw"], fields["pitch"], fields["roll"]),
+                        direction=v / np.linalg.norm(v), distance=distance, angle_deg=angle)
 
 
 # --------------------------------------------------------------------------------------------
