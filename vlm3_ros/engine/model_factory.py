@@ -150,9 +150,25 @@ PRESETS: dict[str, ModelPreset] = {
 }
 
 
-def _corpus(seed: int) -> list[str]:
-    """Protocol texts (questions and answers of every task) to train the tokenizer on."""
+def _rendered(rng: random.Random, template: str, coord_scale: int) -> str:
+    """``template`` with every field filled: integers in [0, coord_scale] for plain fields, numbers
+    of either sign for formatted ones."""
+    import string
+
+    fields = {name: (rng.uniform(-90.0, 90.0) if spec else rng.randint(0, coord_scale))
+              for _, name, spec, _ in string.Formatter().parse(template) if name}
+    return template.format(**fields)
+
+
+def _corpus(seed: int, specs: list[protocol.TaskSpec] | None = None) -> list[str]:
+    """Protocol texts (questions and answers of every task) to train the tokenizer on, with the
+    texts of ``specs`` that differ from the built-in ones (e.g. compact specs)."""
     rng = random.Random(seed)
+    own = [s for s in specs or () if protocol.TASKS.get(s.name) != s]
+    extra: list[str] = []
+    for spec in own:
+        for template in [*spec.questions.values(), *spec.answers.values()]:
+            extra.extend(_rendered(rng, template, spec.coord_scale or 1000) for _ in range(400))
     texts: list[str] = []
     for _ in range(400):
         texts.append(protocol.depth_question(rng.randint(0, 2000), rng.randint(0, 2000)))
@@ -162,11 +178,15 @@ def _corpus(seed: int) -> list[str]:
     texts.extend(protocol.pose_questions().values())
     texts.extend(protocol.POSE_ANSWERS.values())
     texts.append("The camera moves left, right, up, down, forward, backward, barely, unit vector (+0.00, -1.00, +0.00).")
-    return texts
+    texts += extra
+    # The chat template's role names, once per text: every prompt holds them (one token each in
+    # the Qwen tokenizers).
+    return texts + ["user", "assistant"] * len(texts)
 
 
-def build_tokenizer(vocab_size: int = 1000, seed: int = 0):
-    """A byte-level BPE tokenizer with the Qwen-VL special tokens, trained offline."""
+def build_tokenizer(vocab_size: int = 1000, seed: int = 0, specs: list[protocol.TaskSpec] | None = None):
+    """A byte-level BPE tokenizer with the Qwen-VL special tokens, trained offline on the protocol's
+    texts (and those of ``specs``)."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -185,7 +205,7 @@ def build_tokenizer(vocab_size: int = 1000, seed: int = 0):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    core.train_from_iterator(_corpus(seed), trainer)
+    core.train_from_iterator(_corpus(seed, specs), trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
         eos_token="<|im_end|>",
@@ -231,7 +251,7 @@ def build_checkpoint(
     cfg = PRESETS[preset]
     family = FAMILIES[cfg.family]
 
-    tokenizer = build_tokenizer(seed=seed)
+    tokenizer = build_tokenizer(seed=seed, specs=specs)
     merged_patch = family.patch_size * 2  # the side of one image token in pixels
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=family.patch_size,

@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..protocol import TaskSpec
+from ..protocol import ProtocolError, TaskSpec
 from .base import Backend, EngineError, Request, Response
 from .checkpoint import LoadedCheckpoint, load_checkpoint
 
@@ -83,6 +83,7 @@ class TransformersBackend(Backend):
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         self.eos_token_ids = self._eos_ids()
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._renderers: dict[int, Any] = {}
         self.load_seconds = time.perf_counter() - t0
         if warmup:
             self.warmup()
@@ -131,7 +132,7 @@ class TransformersBackend(Backend):
             [ids[n:] for ids in encoded.input_ids],
             max_new_tokens=request.max_new_tokens,
             eos_token_ids=self.eos_token_ids,
-            is_stopped=self._stop_check(request.spec),
+            is_stopped=self._stop_check(request.spec, request.questions),
             max_batch=self.max_batch,
             pad_token_id=self.pad_token_id,
         )
@@ -199,12 +200,10 @@ class TransformersBackend(Backend):
         grid = features["image_grid_thw"]
         merge = self.processor.image_processor.merge_size ** 2
         counts = [int(g.prod()) // merge for g in grid]
+        render = self._prompt_renderer(len(images))
         texts = []
         for question in request.questions:
-            text = self.processor.apply_chat_template(
-                self._messages([None] * len(images), question), tokenize=False, add_generation_prompt=True
-            )
-            parts = text.split(self.image_token)
+            parts = render(question).split(self.image_token)
             if len(parts) - 1 != len(images):
                 raise EngineError(
                     f"the chat template produced {len(parts) - 1} image placeholders for {len(images)} image(s)"
@@ -212,6 +211,31 @@ class TransformersBackend(Backend):
             texts.append(parts[0] + "".join(self.image_token * c + p for c, p in zip(counts, parts[1:])))
         input_ids = self.tokenizer(texts)["input_ids"]
         return EncodedRequest(input_ids, features["pixel_values"], grid, self.image_token_id)
+
+    def _prompt_renderer(self, num_images: int):
+        """``question -> prompt text`` through the chat template. The template is rendered once with
+        a marker for the question and the marker replaced, where that gives exactly what rendering
+        each question does (checked on two questions); otherwise every question is rendered.
+        Cached per number of images."""
+        if num_images not in self._renderers:
+            self._renderers[num_images] = self._make_renderer(num_images)
+        return self._renderers[num_images]
+
+    def _make_renderer(self, num_images: int):
+        def render(question: str) -> str:
+            return self.processor.apply_chat_template(
+                self._messages([None] * num_images, question), tokenize=False, add_generation_prompt=True
+            )
+
+        marker = "\x00vlm3-question\x00"
+        frame = render(marker)
+        if frame.count(marker) != 1:
+            return render
+        head, tail = frame.split(marker)
+        probes = ("depth 12 34", "Given these two images, what pixel?  (x, y)")
+        if any(render(q) != head + q + tail for q in probes):
+            return render
+        return lambda question: head + question + tail
 
     # -- answers -------------------------------------------------------------------------------
 
@@ -227,15 +251,29 @@ class TransformersBackend(Backend):
             raise EngineError(f"checkpoint {self.checkpoint.path} defines no end-of-turn token")
         return set(ids)
 
-    def _stop_check(self, spec: TaskSpec):
-        if not spec.stop_strings:
+    def _stop_check(self, spec: TaskSpec, questions: Sequence[str]):
+        """``stopped(row, tokens)``: the row's text holds a stop string, or is already a whole answer
+        in its question's answer template (a fixed-precision number ends it: no need to wait for
+        the end of the turn)."""
+        ids: list[str | None] = []
+        for question in questions:
+            try:
+                ids.append(spec.parse_question(question)[0])
+            except ProtocolError:
+                ids.append(None)
+        completable = [qid is not None and spec.answer_can_complete(qid) for qid in ids]
+        if not spec.stop_strings and not any(completable):
             return None
         decode = self.tokenizer.decode
         stops = spec.stop_strings
         last_chars = {s[-1] for s in stops}
 
-        def stopped(tokens: list[int]) -> bool:
+        def stopped(row: int, tokens: list[int]) -> bool:
             tail = decode(tokens[-1:], skip_special_tokens=True)
+            if completable[row] and tail[-1:].isdigit():
+                text = decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+                if spec.answer_complete(text, ids[row]):
+                    return True
             if not any(c in tail for c in last_chars):
                 return False
             text = decode(tokens, skip_special_tokens=True)
