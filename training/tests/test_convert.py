@@ -110,6 +110,33 @@ def test_pose_answers_equal_the_generator_relative_pose(synthetic):
         assert [im.size for im in row["images"]] == [tuple(s) for s in json.loads(row["meta"])["size"]]
 
 
+def test_compact_specs_label_with_their_own_questions_and_numbers_only_answers(synthetic, tmp_path):
+    seq, bag, _ = synthetic
+    specs = protocol.compact_specs(depth_focal=100.0, correspondence_max_edge=96.0, pose_focal=80.0, coord_scale=100)
+    options = cv.ConvertOptions(specs=specs, points_per_image=6, points_per_pair=5, correspondence_gaps=(1,),
+                                pose_gaps=(2,), seed=2)
+    result = cv.convert_bags([bag], tmp_path / "ds", options, progress=False)
+    assert protocol.load_protocol(result.path) == specs
+    for row in rows_of(result.path, "depth"):
+        targets = json.loads(row["targets"])
+        for text, answer, (nx, ny), value in zip(row["questions"], row["answers"], targets["norm"], targets["values"]):
+            assert text == f"depth {nx} {ny}" and 0 <= nx <= 100 and 0 <= ny <= 100
+            assert protocol.parse_depth_answer(answer, specs["depth"]) == pytest.approx(value, abs=0.005 + 1e-9)
+            assert specs["depth"].parse_answer(answer) == {"distance": float(answer)}  # the number only
+    for row in rows_of(result.path, "correspondence"):
+        targets = json.loads(row["targets"])
+        for answer, point in zip(row["answers"], targets["points"]):
+            assert answer == f"{round(point[0])},{round(point[1])}"
+    for row in rows_of(result.path, "pose"):
+        i, j = json.loads(row["meta"])["frames"]
+        targets = json.loads(row["targets"])
+        assert row["questions"] == ["rotation", "direction", "distance"]
+        parsed = protocol.parse_pose_answers(dict(zip(targets["question_ids"], row["answers"])), specs["pose"])
+        T = relative_pose(seq.poses[i], seq.poses[j])
+        assert rotation_angle(parsed.R.T @ T[:3, :3]) < 0.15
+        assert parsed.distance == pytest.approx(np.linalg.norm(T[:3, 3]), abs=0.006)
+
+
 def test_correspondence_points_equal_the_analytic_reprojection(synthetic):
     seq, _, result = synthetic
     rows = rows_of(result.path, "correspondence")

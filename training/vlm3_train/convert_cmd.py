@@ -49,6 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--points-per-image", type=int, default=10, help="depth questions per image (default 10)")
     parser.add_argument("--points-per-pair", type=int, default=10,
                         help="correspondence questions per frame pair (default 10)")
+    parser.add_argument("--protocol", choices=("vlm3", "compact"), default="vlm3",
+                        help="task specs to label with: vlm3 (the released checkpoints' protocol, default) or compact "
+                             "(short questions, numbers-only answers: for checkpoints trained by this package); "
+                             "--spec-file overrides either")
     parser.add_argument("--spec-file", default=None,
                         help="protocol JSON (or a directory with vlm3_protocol.json) giving task specs; "
                              "default: the built-in VLM3 specs")
@@ -98,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     from .convert import ConvertError, ConvertOptions, convert_bags, load_specs
 
     try:
-        specs = load_specs(args.spec_file, args.tasks)
+        specs = load_specs(args.spec_file, args.tasks, base=args.protocol)
         options = ConvertOptions(
             tasks=args.tasks, specs=specs, points_per_image=args.points_per_image,
             points_per_pair=args.points_per_pair, correspondence_gaps=args.correspondence_gaps,

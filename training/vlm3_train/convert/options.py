@@ -161,17 +161,28 @@ def check_spec(task: str, spec: TaskSpec) -> None:
         raise ConvertError(f"spec for task {task!r} needs a coord_scale for pixel coordinates")
     if task == "depth" and spec.option("depth_kind", "ray") not in ("ray", "z"):
         raise ConvertError(f"depth spec option depth_kind must be 'ray' or 'z', got {spec.option('depth_kind')!r}")
+    unanswered = [q for q in spec.questions if q not in spec.answers]
+    if unanswered:
+        raise ConvertError(f"spec for task {task!r} has questions without an answer template: {unanswered}")
     if task == "pose":
-        missing = [q for q in protocol.POSE_QUESTION_IDS if q not in spec.questions or q not in spec.answers]
-        if missing:
-            raise ConvertError(f"pose spec lacks questions/answers for {missing}")
+        # What a relative pose is read from (protocol.parse_pose_answers); the rest is optional.
+        missing = [q for q in ("euler", "translation_direction") if q not in spec.questions]
+        unknown = [q for q in spec.questions if q not in protocol.POSE_QUESTION_IDS]
+        if missing or unknown:
+            raise ConvertError(f"pose spec must ask euler and translation_direction and only pose questions "
+                               f"{list(protocol.POSE_QUESTION_IDS)}; missing {missing}, unknown {unknown}")
 
 
-def load_specs(spec_file: Optional[str | os.PathLike[str]], tasks: Sequence[str] = TASK_NAMES) -> Dict[str, TaskSpec]:
+def load_specs(spec_file: Optional[str | os.PathLike[str]], tasks: Sequence[str] = TASK_NAMES,
+               base: str = "vlm3") -> Dict[str, TaskSpec]:
     """Task specs for ``tasks``: from a protocol JSON file (or a directory holding
-    ``vlm3_protocol.json``) where given, else the built-in ones. Tasks the file does not define
-    use the built-in specs."""
-    specs = {task: protocol.TASKS[task] for task in tasks if task in protocol.TASKS}
+    ``vlm3_protocol.json``) where given, else the built-in ones of ``base`` (``vlm3``: the
+    released checkpoints' protocol, :data:`vlm3_ros.protocol.TASKS`; ``compact``:
+    :data:`vlm3_ros.protocol.COMPACT_TASKS`). Tasks the file does not define use the built-in specs."""
+    builtin = {"vlm3": protocol.TASKS, "compact": protocol.COMPACT_TASKS}.get(base)
+    if builtin is None:
+        raise ConvertError(f"unknown protocol {base!r}; expected vlm3 or compact")
+    specs = {task: builtin[task] for task in tasks if task in builtin}
     if spec_file is None:
         return specs
     path = Path(spec_file)
