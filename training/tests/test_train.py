@@ -16,7 +16,7 @@ from vlm3_ros import protocol  # noqa: E402
 from vlm3_ros.engine import Request, load_backend  # noqa: E402
 
 from train_helpers import small_dataset  # noqa: E402
-from vlm3_train.collate import IGNORE_INDEX, CollationError, SFTCollator, encode_sample  # noqa: E402
+from vlm3_train.collate import IGNORE_INDEX, CollationError, SFTCollator, encode_sample, pad_batch  # noqa: E402
 from vlm3_train.mixture import MixtureError, MixtureSampler, mixture_weights, parse_weights  # noqa: E402
 
 
@@ -113,6 +113,47 @@ def test_collated_batch_pads_right_and_masks_padding(tiny_backend):
     loss = tiny_backend.model(**batch).loss
     assert np.isfinite(loss.item())
 
+
+@pytest.mark.parametrize("specs", [protocol.TASKS, protocol.COMPACT_TASKS])
+def test_isolated_turns_see_exactly_what_the_engine_asks(tiny_backend, specs):
+    """Each isolated block's answer logits equal those of its question asked alone (as the engine
+    asks it), in a padded batch of a pose pair and a depth image with several questions each."""
+    import torch
+
+    from vlm3_train.sft import _isolated_turn_inputs
+
+    processor, model = tiny_backend.processor, tiny_backend.model
+    pose = specs["pose"]
+    answers_by_id = protocol.format_pose_answers(np.eye(3), np.array([0.3, 0.0, 0.4]), pose)
+    pair = {"images": [_image(7), _image(8)], "questions": list(protocol.pose_questions(pose).values())[:3],
+            "answers": [answers_by_id[q] for q in protocol.pose_questions(pose)][:3]}
+    single = {"images": [_image(9, 64, 96)], "questions": [protocol.depth_question(10 * k, 20 * k, specs["depth"])
+                                                            for k in range(1, 3)],
+              "answers": [protocol.format_depth_answer(1.5 * k, specs["depth"]) for k in range(1, 3)]}
+    isolated = SFTCollator(processor, isolate_turns=True)
+    with pytest.raises(CollationError, match="mixes"):
+        pad_batch([isolated.encode(pair), SFTCollator(processor).encode(single)], pad_token_id=isolated.pad_token_id,
+                  image_token_id=isolated.image_token_id)
+    for sample in (pair, single):
+        batch = isolated([sample, {**pair, "questions": pair["questions"][:1], "answers": pair["answers"][:1]}]
+                         if sample is single else [sample, single])
+        offsets = batch.pop("turn_offsets")
+        inputs = _isolated_turn_inputs(model, batch, offsets)
+        labels = inputs.pop("labels")[0]
+        with torch.no_grad():
+            logits = model(**inputs).logits[0]
+        supervised = torch.nonzero(labels != IGNORE_INDEX).flatten().numpy()
+        spans = np.split(supervised, np.flatnonzero(np.diff(supervised) > 1) + 1)
+        assert len(spans) == len(sample["questions"])
+        for k, span in enumerate(spans):
+            alone = SFTCollator(processor)([{"images": sample["images"], "questions": [sample["questions"][k]],
+                                             "answers": [sample["answers"][k]]}])
+            alone_labels = alone.pop("labels")[0]
+            with torch.no_grad():
+                alone_logits = model(**alone).logits[0]
+            where = torch.nonzero(alone_labels != IGNORE_INDEX).flatten()
+            assert labels[span].tolist() == alone_labels[where].tolist()
+            torch.testing.assert_close(logits[span - 1], alone_logits[where - 1], atol=1e-4, rtol=1e-4)
 
 # ------------------------------------------------------------------------------------------------
 # Mixtures

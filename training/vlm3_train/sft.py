@@ -61,8 +61,8 @@ TRAINING_RECORD = "vlm3_training.json"
 RUN_RECORD = "vlm3_run.json"
 STAGING_DIR = ".staging"
 # Settings that must not change between an interrupted run and its resumption.
-_RESUME_KEYS = ("data", "model", "mixture", "weights", "questions_per_sample", "shuffle_questions", "batch_size",
-                "grad_accum", "seed", "split", "tasks", "samples_per_epoch", "lora_r", "lora_targets")
+_RESUME_KEYS = ("data", "model", "mixture", "weights", "questions_per_sample", "isolate_turns", "shuffle_questions",
+                "batch_size", "grad_accum", "seed", "split", "tasks", "samples_per_epoch", "lora_r", "lora_targets")
 
 
 class TrainError(ValueError):
@@ -225,6 +225,8 @@ class TrainConfig:
         save_steps, save_total_limit: checkpoint every n optimizer steps (0 = never), keep the last m.
         resume: continue from the latest complete checkpoint in ``run_dir``.
         max_length: drop trailing turns of samples longer than this many tokens.
+        isolate_turns: train each question as the engine asks it: the image prefix once, every
+            question/answer turn seeing the prefix and itself only (:mod:`vlm3_train.collate`).
         overwrite: replace an existing ``output``.
         progress: show progress bars; ``logging_steps``: log the loss every n steps.
     """
@@ -263,6 +265,7 @@ class TrainConfig:
     resume: bool = False
     seed: int = 0
     max_length: int | None = None
+    isolate_turns: bool = False
     num_workers: int = 0
     logging_steps: int = 10
     progress: bool = True
@@ -314,6 +317,9 @@ def _trainer_class():
         def compute_loss(self, model, inputs, *args, **kwargs):
             if model.training:
                 self.vlm3_labels_seen += int((inputs["labels"] != -100).sum())
+            offsets = inputs.pop("turn_offsets", None)
+            if offsets is not None:
+                inputs = _isolated_turn_inputs(model, inputs, offsets)
             return super().compute_loss(model, inputs, *args, **kwargs)
 
         def _save_checkpoint(self, model, trial) -> None:
@@ -345,6 +351,20 @@ def _trainer_class():
             self.accelerator.wait_for_everyone()
 
     return VLM3Trainer
+
+
+def _isolated_turn_inputs(model, inputs: dict[str, Any], offsets) -> dict[str, Any]:
+    """Model inputs of a batch of isolated turns (:mod:`vlm3_train.collate`): the 4D attention mask
+    and the position ids each block has at inference."""
+    from .collate import turn_attention_mask, turn_position_ids
+
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    core = getattr(core, "module", core)  # a distributed wrapper
+    padding = inputs["attention_mask"]
+    rope, _ = core.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                                        image_grid_thw=inputs.get("image_grid_thw"), attention_mask=padding)
+    return {**inputs, "position_ids": turn_position_ids(rope, offsets, padding),
+            "attention_mask": turn_attention_mask(offsets, padding)}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -529,7 +549,7 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> TrainResult:
 
     loaded = load_checkpoint(config.model, device="cpu", dtype="bfloat16" if bf16 else "float32")
     model = _prepare_model(config, loaded)
-    collator = SFTCollator(loaded.processor, max_length=config.max_length)
+    collator = SFTCollator(loaded.processor, max_length=config.max_length, isolate_turns=config.isolate_turns)
 
     run_dir = config.resolved_run_dir()
     resume_from = None

@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--questions-per-sample", type=int, default=0,
                       help="questions packed after one image: 0 = all of a sample's questions (default), "
                            "1 = one question per sample (the image repeated for each)")
+    data.add_argument("--isolate-turns", action="store_true",
+                      help="train each packed question as the engine asks it: the image once, every question/answer "
+                           "turn seeing the image and itself only (not the other turns)")
     data.add_argument("--no-shuffle-questions", action="store_true",
                       help="keep the stored question order (default: vary it per epoch)")
     data.add_argument("--split", default="train", choices=("train", "val", "all"), help="rows used (default train)")
@@ -90,7 +93,7 @@ def config_from_args(args: argparse.Namespace):
         mixture=args.mixture,
         weights=parse_weights(args.weights),
         samples_per_epoch=args.samples_per_epoch,
-        questions_per_sample=args.questions_per_sample,
+        questions_per_sample=args.questions_per_sample, isolate_turns=args.isolate_turns,
         shuffle_questions=not args.no_shuffle_questions,
         split=None if args.split == "all" else args.split,
         tasks=[t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None,
