@@ -126,6 +126,54 @@ def test_sequence_poses_are_smooth_and_reproject_depth_exactly():
     assert np.median(err) < 1e-5 and np.percentile(err, 95) < 1e-4
 
 
+def test_cylinder_and_sphere_depth_agree_with_their_analytic_surfaces():
+    backdrop = Rect(np.array([9.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0]), np.array([0.0, 0.0, 1.0]),
+                    50.0, 50.0, TEX, "backdrop")
+    cylinder = syn.Cylinder(np.array([3.0, -0.6, 0.0]), 0.4, 0.5, TEX)
+    sphere = syn.Sphere(np.array([4.0, 0.8, 0.1]), 0.5, TEX)
+    scene = Scene((backdrop, cylinder, sphere))
+    T = look_pose((0.0, 0.0, 0.05), heading=0.0, pitch=-3.0)
+    _, depth = render(scene, T, CAM, supersample=1)
+    uv = pixel_grid(CAM)
+    points = transform_points(T, (np.linalg.inv(CAM.K) @ np.c_[uv, np.ones(len(uv))].T).T * depth.reshape(-1, 1))
+    hits = cast_rays(scene, T[:3, 3], (np.linalg.inv(CAM.K) @ np.c_[uv, np.ones(len(uv))].T).T @ T[:3, :3].T)
+    on_cylinder, on_sphere = hits.index == 1, hits.index == 2
+    assert on_cylinder.sum() > 50 and on_sphere.sum() > 50
+    rel = points[on_cylinder] - cylinder.center
+    side = np.abs(rel[:, 2]) < 0.5 - 1e-6
+    np.testing.assert_allclose(np.hypot(rel[side, 0], rel[side, 1]), 0.4, atol=1e-6)  # on the mantle
+    np.testing.assert_allclose(np.linalg.norm(points[on_sphere] - sphere.center, axis=1), 0.5, atol=1e-6)
+    # Normals point out of the surface; both objects round-trip through a description.
+    st, normals = sphere.surface(points[on_sphere])
+    np.testing.assert_allclose(normals, (points[on_sphere] - sphere.center) / 0.5, atol=1e-6)
+    again = Scene.from_dict(json.loads(json.dumps(scene.to_dict())))
+    np.testing.assert_array_equal(render(again, T, CAM, supersample=1)[1], depth)
+
+
+def test_robot_sequences_drive_forward_and_turn_at_a_fixed_height():
+    seq = syn.generate_robot_sequence(seed=3, frames=40, scene_index=1, camera_height=0.45, focal=200.0, pitch=0.0)
+    assert seq.intrinsics.fx == 200.0 and np.allclose(seq.poses[:, 2, 3], 0.45)
+    # Level camera: its x axis (right) and z axis (forward) stay horizontal.
+    np.testing.assert_allclose(seq.poses[:, 2, 0], 0.0, atol=1e-12)
+    np.testing.assert_allclose(seq.poses[:, 2, 2], 0.0, atol=1e-12)
+    steps = [relative_pose(seq.poses[k], seq.poses[k + 1]) for k in range(39)]
+    turns = np.array([rotation_angle(T[:3, :3]) for T in steps])
+    moves = np.array([np.linalg.norm(T[:3, 3]) for T in steps])
+    assert turns.max() < 9.5 and moves.max() < 0.16
+    assert (moves > 0.04).sum() >= 5 and (turns > 2.5).sum() >= 3  # both driving and turning
+    forward = np.array([T[2, 3] for T in steps])[moves > 0.04]
+    assert np.all(forward > 0.8 * moves[moves > 0.04])  # it drives where it looks
+    half_x, half_y, _ = seq.scene.room
+    assert np.all(np.abs(seq.poses[:, 0, 3]) < half_x) and np.all(np.abs(seq.poses[:, 1, 3]) < half_y)
+    assert not any(o.contains(seq.poses[:, :3, 3]).any() for o in seq.scene.objects)
+    drawn = [syn.generate_robot_sequence(seed=3, frames=2, scene_index=k) for k in range(6)]
+    assert len({round(d.intrinsics.fx) for d in drawn}) > 3 and len({round(d.poses[0, 2, 3], 2) for d in drawn}) > 3
+    np.testing.assert_array_equal(syn.generate_robot_sequence(seed=3, frames=2, scene_index=0).frame(1).rgb,
+                                  drawn[0].frame(1).rgb)
+    kinds = {type(o).__name__ for k in range(8) for o in syn.generate_robot_sequence(7, 1, scene_index=k).scene.objects}
+    assert kinds == {"Box", "Cylinder", "Sphere"}
+
+
 def test_sequences_are_deterministic_and_cover_a_depth_range():
     a = syn.generate_sequence(seed=11, frames=3, intrinsics=CAM)
     b = syn.generate_sequence(seed=11, frames=3, intrinsics=CAM)

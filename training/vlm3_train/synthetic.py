@@ -1,7 +1,9 @@
 """Synthetic RGB-D scenes with exact depth and camera poses, rendered by ray casting.
 
 A scene is a room (floor, four walls and optionally a ceiling, each a textured rectangle) holding
-a few textured boxes, seen by a small pinhole camera moving along a smooth path. Every pixel is
+a few textured objects (boxes, upright cylinders, spheres) under a random light, seen by a small
+pinhole camera moving along a smooth hand-held path (:func:`generate_sequence`) or carried by a
+ground robot that drives forward and turns (:func:`generate_robot_sequence`). Every pixel is
 rendered by casting its ray analytically against the surfaces (ray-rectangle and ray-box slab
 intersections, vectorised with numpy), so the depth and the poses are exact, not estimated.
 
@@ -44,6 +46,7 @@ from vlm3_ros.paths import write_json_atomic
 
 __all__ = [
     "Box",
+    "Cylinder",
     "DEFAULT_FOCAL",
     "DEFAULT_SIZE",
     "FRAME_PERIOD_NS",
@@ -51,6 +54,7 @@ __all__ = [
     "Rect",
     "RgbdFrames",
     "Scene",
+    "Sphere",
     "SyntheticError",
     "SyntheticFrame",
     "SyntheticSequence",
@@ -58,8 +62,10 @@ __all__ = [
     "camera_rays",
     "cast_rays",
     "default_intrinsics",
+    "generate_robot_sequence",
     "generate_sequence",
     "look_pose",
+    "make_robot_path",
     "make_scene",
     "make_trajectory",
     "ray_distance",
@@ -79,7 +85,7 @@ START_STAMP_NS = 1_700_000_000_000_000_000
 _EPS = 1e-6
 _NOISE_TABLE = 64
 _GAMMA = 1.6  # display gamma of the rendered colours
-TEXTURE_KINDS = ("checker", "stripes", "tiles", "noise")
+TEXTURE_KINDS = ("checker", "stripes", "tiles", "noise", "dots", "waves")
 
 
 class SyntheticError(ValueError):
@@ -118,7 +124,8 @@ class Texture:
     """A procedural surface texture, evaluated on surface coordinates in metres.
 
     Attributes:
-        kind: ``checker``, ``stripes``, ``tiles`` or ``noise`` (the large-scale pattern).
+        kind: ``checker``, ``stripes``, ``tiles``, ``noise``, ``dots`` or ``waves`` (the large-scale
+            pattern).
         color_a, color_b: the pattern's two RGB colours in [0, 1].
         period: pattern period in metres.
         angle: pattern rotation on the surface (radians).
@@ -158,6 +165,11 @@ class Texture:
         elif self.kind == "tiles":
             fu, fv = u - np.floor(u), v - np.floor(v)
             mix = ((fu < 0.07) | (fv < 0.07)).astype(np.float64)
+        elif self.kind == "dots":
+            fu, fv = u - np.floor(u) - 0.5, v - np.floor(v) - 0.5
+            mix = (fu * fu + fv * fv < 0.09).astype(np.float64)
+        elif self.kind == "waves":
+            mix = 0.5 + 0.5 * np.sin(2.0 * math.pi * (u + 0.8 * _value_noise(table, 0.5 * u, 0.5 * v)))
         else:
             mix = np.clip(1.6 * _value_noise(table, 2.0 * u, 2.0 * v) - 0.3, 0.0, 1.0)
         a, b = np.asarray(self.color_a), np.asarray(self.color_b)
@@ -339,7 +351,108 @@ class Box:
                 "yaw": self.yaw, "texture": self.texture.to_dict()}
 
 
-Surface = Any  # Rect | Box (both have intersect, surface, to_dict)
+@dataclass(frozen=True, eq=False)
+class Cylinder:
+    """A textured upright cylinder (axis along world z): centre, radius and half height, with caps.
+
+    The side is textured in (arc length, height) coordinates, the caps in world (x, y).
+    """
+
+    center: np.ndarray
+    radius: float
+    half_height: float
+    texture: Texture
+    name: str = "cylinder"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "center", _vec3(f"{self.name} center", self.center))
+        if not (self.radius > 0 and self.half_height > 0):
+            raise SyntheticError(f"{self.name}: radius and half height must be positive")
+
+    def contains(self, points: np.ndarray, margin: float = 0.0) -> np.ndarray:
+        """Whether points ``(N, 3)`` are inside the cylinder grown by ``margin``."""
+        rel = np.atleast_2d(points) - self.center
+        return (np.hypot(rel[:, 0], rel[:, 1]) <= self.radius + margin) & (np.abs(rel[:, 2]) <= self.half_height + margin)
+
+    def intersect(self, origin: np.ndarray, dirs: np.ndarray) -> np.ndarray:
+        o = origin - self.center
+        d = dirs
+        t = np.full(len(d), np.inf)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            a = d[:, 0] ** 2 + d[:, 1] ** 2
+            b = 2.0 * (o[0] * d[:, 0] + o[1] * d[:, 1])
+            c = o[0] ** 2 + o[1] ** 2 - self.radius ** 2
+            disc = b * b - 4.0 * a * c
+            root = np.sqrt(np.where(disc >= 0, disc, np.nan))
+            for side in ((-b - root) / (2 * a), (-b + root) / (2 * a)):
+                ok = np.isfinite(side) & (side > _EPS) & (np.abs(o[2] + side * d[:, 2]) <= self.half_height)
+                t = np.where(ok & (side < t), side, t)
+            for cap in (-self.half_height, self.half_height):
+                tc = (cap - o[2]) / d[:, 2]
+                px, py = o[0] + tc * d[:, 0], o[1] + tc * d[:, 1]
+                ok = np.isfinite(tc) & (tc > _EPS) & (px * px + py * py <= self.radius ** 2)
+                t = np.where(ok & (tc < t), tc, t)
+        return t
+
+    def surface(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rel = points - self.center
+        on_cap = np.abs(np.abs(rel[:, 2]) - self.half_height) < 1e-7 * max(1.0, self.half_height)
+        on_cap &= np.hypot(rel[:, 0], rel[:, 1]) < self.radius * (1 - 1e-9)
+        angle = np.arctan2(rel[:, 1], rel[:, 0])
+        st = np.where(on_cap[:, None], rel[:, :2] + 7.3, np.stack([angle * self.radius, rel[:, 2]], axis=1))
+        radial = np.stack([np.cos(angle), np.sin(angle), np.zeros_like(angle)], axis=1)
+        cap_normal = np.stack([np.zeros_like(angle), np.zeros_like(angle), np.sign(rel[:, 2])], axis=1)
+        return st, np.where(on_cap[:, None], cap_normal, radial)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "cylinder", "name": self.name, "center": self.center.tolist(), "radius": self.radius,
+                "half_height": self.half_height, "texture": self.texture.to_dict()}
+
+
+@dataclass(frozen=True, eq=False)
+class Sphere:
+    """A textured sphere, textured in (longitude, latitude) arc lengths."""
+
+    center: np.ndarray
+    radius: float
+    texture: Texture
+    name: str = "sphere"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "center", _vec3(f"{self.name} center", self.center))
+        if not self.radius > 0:
+            raise SyntheticError(f"{self.name}: radius must be positive, got {self.radius}")
+
+    def contains(self, points: np.ndarray, margin: float = 0.0) -> np.ndarray:
+        """Whether points ``(N, 3)`` are inside the sphere grown by ``margin``."""
+        return np.linalg.norm(np.atleast_2d(points) - self.center, axis=1) <= self.radius + margin
+
+    def intersect(self, origin: np.ndarray, dirs: np.ndarray) -> np.ndarray:
+        o = origin - self.center
+        with np.errstate(divide="ignore", invalid="ignore"):
+            a = np.einsum("ij,ij->i", dirs, dirs)
+            b = 2.0 * dirs @ o
+            c = float(o @ o) - self.radius ** 2
+            disc = b * b - 4.0 * a * c
+            near = (-b - np.sqrt(np.where(disc >= 0, disc, np.nan))) / (2 * a)
+            ok = np.isfinite(near) & (near > _EPS)
+        return np.where(ok, near, np.inf)
+
+    def surface(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rel = points - self.center
+        normal = rel / np.linalg.norm(rel, axis=1, keepdims=True)
+        lon = np.arctan2(normal[:, 1], normal[:, 0])
+        lat = np.arcsin(np.clip(normal[:, 2], -1.0, 1.0))
+        return np.stack([lon, lat], axis=1) * self.radius, normal
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "sphere", "name": self.name, "center": self.center.tolist(), "radius": self.radius,
+                "texture": self.texture.to_dict()}
+
+
+Surface = Any  # Rect | Box | Cylinder | Sphere (all have intersect, surface, to_dict)
+#: Objects a scene holds (those with ``contains``); ``make_scene`` draws them with these weights.
+OBJECT_KINDS = {"box": 0.55, "cylinder": 0.3, "sphere": 0.15}
 
 
 def _surface_from_dict(data: Mapping[str, Any]) -> Surface:
@@ -350,6 +463,11 @@ def _surface_from_dict(data: Mapping[str, Any]) -> Surface:
     if data["type"] == "box":
         return Box(np.array(data["center"]), np.array(data["half"]), float(data["yaw"]), texture,
                    str(data.get("name", "box")))
+    if data["type"] == "cylinder":
+        return Cylinder(np.array(data["center"]), float(data["radius"]), float(data["half_height"]), texture,
+                        str(data.get("name", "cylinder")))
+    if data["type"] == "sphere":
+        return Sphere(np.array(data["center"]), float(data["radius"]), texture, str(data.get("name", "sphere")))
     raise SyntheticError(f"unknown surface type {data['type']!r}")
 
 
@@ -362,12 +480,16 @@ class Scene:
         light: unit direction *towards* the light (world frame).
         ambient: brightness of unlit surfaces (0..1).
         room: ``(half_x, half_y, height)`` of the room (for trajectory planning), or ``None``.
+        light_color: RGB tint of the light (the directional and headlight terms).
+        exposure: overall brightness gain of the rendered colours.
     """
 
     surfaces: tuple
     light: np.ndarray = field(default_factory=lambda: np.array([0.3, 0.2, 0.93]))
     ambient: float = 0.35
     room: tuple[float, float, float] | None = None
+    light_color: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    exposure: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "surfaces", tuple(self.surfaces))
@@ -382,15 +504,23 @@ class Scene:
     def boxes(self) -> list[Box]:
         return [s for s in self.surfaces if isinstance(s, Box)]
 
+    @property
+    def objects(self) -> list[Any]:
+        """The scene's objects (boxes, cylinders, spheres): everything but the room's rectangles."""
+        return [s for s in self.surfaces if not isinstance(s, Rect)]
+
     def to_dict(self) -> dict[str, Any]:
         return {"surfaces": [s.to_dict() for s in self.surfaces], "light": self.light.tolist(),
-                "ambient": self.ambient, "room": None if self.room is None else list(self.room)}
+                "ambient": self.ambient, "room": None if self.room is None else list(self.room),
+                "light_color": list(self.light_color), "exposure": self.exposure}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Scene":
         room = data.get("room")
         return cls(tuple(_surface_from_dict(s) for s in data["surfaces"]), np.array(data["light"]),
-                   float(data["ambient"]), None if room is None else tuple(float(v) for v in room))
+                   float(data["ambient"]), None if room is None else tuple(float(v) for v in room),
+                   tuple(float(v) for v in data.get("light_color", (1.0, 1.0, 1.0))),
+                   float(data.get("exposure", 1.0)))
 
 
 def room_surfaces(half_x: float, half_y: float, height: float, textures: Sequence[Texture],
@@ -500,8 +630,9 @@ def _shade(scene: Scene, hits: Hits, dirs: np.ndarray) -> np.ndarray:
         # Normals facing the camera: light from the camera's side of the surface only.
         n = normals * -np.sign(np.einsum("ij,ij->i", normals, unit_dirs[sel]))[:, None]
         diffuse = np.clip(n @ scene.light, 0.0, 1.0)
-        light = scene.ambient + (1.0 - scene.ambient) * (0.6 * diffuse + 0.4 * facing)
-        rgb[sel] = surface.texture.evaluate(st) * light[:, None]
+        lit = (1.0 - scene.ambient) * (0.6 * diffuse + 0.4 * facing)
+        light = scene.ambient + lit[:, None] * np.asarray(scene.light_color)[None]
+        rgb[sel] = surface.texture.evaluate(st) * light * scene.exposure
     return rgb
 
 
@@ -606,14 +737,109 @@ def make_trajectory(rng: np.random.Generator, frames: int, room: tuple[float, fl
                      for k in range(frames)])
 
 
+def make_robot_path(rng: np.random.Generator, frames: int, room: tuple[float, float, float], *, height: float,
+                    pitch: float = 0.0, margin: float = 1.0) -> np.ndarray:
+    """The camera of a ground robot driving in a room: ``(frames, 4, 4)`` camera-to-world poses.
+
+    The camera sits at ``height`` metres, level (or pitched by ``pitch`` degrees, positive = up),
+    looking where the robot heads. The robot drives in segments of 4-12 frames, each forward
+    (5-15 cm per frame, a slight curve), along an arc, or turning on the spot (3-9 degrees per
+    frame, barely moving); near a wall it turns towards the room's centre instead of going on.
+    """
+    half_x, half_y, _ = room
+    lim = np.array([max(half_x - margin, 0.2), max(half_y - margin, 0.2)])
+    xy = rng.uniform(-1, 1, 2) * lim * 0.7
+    heading = float(rng.uniform(-math.pi, math.pi))
+    poses = []
+    remaining, speed, turn = 0, 0.0, 0.0
+    for _ in range(int(frames)):
+        poses.append(look_pose((xy[0], xy[1], height), heading, pitch, 0.0))
+        if remaining == 0:
+            remaining = int(rng.integers(4, 13))
+            kind = rng.choice(["forward", "arc", "turn"], p=[0.45, 0.3, 0.25])
+            sign = float(rng.choice([-1.0, 1.0]))
+            if kind == "forward":
+                speed, turn = rng.uniform(0.05, 0.15), sign * math.radians(rng.uniform(0.0, 1.5))
+            elif kind == "arc":
+                speed, turn = rng.uniform(0.05, 0.12), sign * math.radians(rng.uniform(2.0, 5.0))
+            else:
+                speed, turn = rng.uniform(0.0, 0.02), sign * math.radians(rng.uniform(3.0, 9.0))
+        remaining -= 1
+        step = speed * np.array([math.cos(heading + turn / 2), math.sin(heading + turn / 2)])
+        if np.any(np.abs(xy + step) > lim):
+            # Near a wall: turn on the spot towards the centre of the room.
+            to_centre = math.atan2(-xy[1], -xy[0])
+            delta = (to_centre - heading + math.pi) % (2 * math.pi) - math.pi
+            heading += float(np.clip(delta, -math.radians(9.0), math.radians(9.0)))
+            remaining = 0
+            continue
+        xy = xy + step
+        heading += turn
+    return np.stack(poses)
+
+
+def generate_robot_sequence(seed: int = 0, frames: int = 30, *, scene_index: int = 0,
+                            camera_height: float | None = None, focal: float | None = None,
+                            pitch: float | None = None, size: tuple[int, int] = DEFAULT_SIZE,
+                            supersample: int = 1) -> SyntheticSequence:
+    """A random scene seen by a ground robot's camera (:func:`make_robot_path`), deterministic for
+    ``(seed, scene_index)``.
+
+    ``None`` draws a value per sequence: ``camera_height`` 0.3-1.0 m, ``focal`` 170-300 px (on the
+    ``size`` image: about 46-74 degrees of horizontal field of view), ``pitch`` -6 to +2 degrees.
+    """
+    if not isinstance(frames, (int, np.integer)) or frames < 1:
+        raise SyntheticError(f"frames must be a positive integer, got {frames!r}")
+    rng = np.random.default_rng([int(seed), int(scene_index), 1])
+    room = (float(rng.uniform(2.5, 6.0)), float(rng.uniform(2.5, 6.0)), float(rng.uniform(2.4, 3.5)))
+    height = float(rng.uniform(0.3, 1.0)) if camera_height is None else float(camera_height)
+    f = float(rng.uniform(170.0, 300.0)) if focal is None else float(focal)
+    tilt = float(rng.uniform(-6.0, 2.0)) if pitch is None else float(pitch)
+    if not 0.05 <= height < room[2] - 0.2:
+        raise SyntheticError(f"camera height {height} m does not fit a room {room[2]:.2f} m high")
+    poses = make_robot_path(rng, int(frames), room, height=height, pitch=tilt)
+    scene = make_scene(rng, keep_clear=poses[:, :3, 3], room=room)
+    start = START_STAMP_NS + int(scene_index) * 10**12
+    stamps = start + FRAME_PERIOD_NS * np.arange(int(frames), dtype=np.int64)
+    return SyntheticSequence(scene, default_intrinsics(size[0], size[1], f), poses, stamps, int(supersample), int(seed))
+
+
+def _random_object(rng: np.random.Generator, kind: str, room: tuple[float, float, float], name: str) -> Any:
+    """One object of ``kind`` standing on the floor (sometimes raised or stacked), inside the room."""
+    half_x, half_y, height = room
+    texture = random_texture(rng, (0.12, 0.6))
+    if kind == "box":
+        half = np.array([rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0.1, 1.0)])
+        reach, up = float(np.hypot(half[0], half[1])), float(half[2])
+    elif kind == "cylinder":
+        radius, up = float(rng.uniform(0.08, 0.6)), float(rng.uniform(0.1, 1.1))
+        reach = radius
+    else:
+        radius = float(rng.uniform(0.1, 0.6))
+        reach = up = radius
+    if half_x - reach < 0.2 or half_y - reach < 0.2:
+        return None
+    center = np.array([rng.uniform(-half_x + reach, half_x - reach), rng.uniform(-half_y + reach, half_y - reach), up])
+    if rng.random() < 0.25:  # raised or floating objects for vertical structure
+        center[2] += rng.uniform(0.0, max(height - 2 * up - 0.2, 0.0))
+    if kind == "box":
+        return Box(center, half, float(rng.uniform(0, math.pi)), texture, name)
+    if kind == "cylinder":
+        return Cylinder(center, radius, up, texture, name)
+    return Sphere(center, radius, texture, name)
+
+
 def make_scene(rng: np.random.Generator, *, keep_clear: np.ndarray | None = None, num_boxes: int | None = None,
                room: tuple[float, float, float] | None = None, ceiling: bool | None = None,
-               clearance: float = 0.8) -> Scene:
-    """A random room with textured walls and boxes.
+               clearance: float = 0.8, kinds: Mapping[str, float] | None = None) -> Scene:
+    """A random room with textured walls and objects (boxes, cylinders, spheres) under random light.
 
-    ``keep_clear``: ``(N, 3)`` points (camera positions) no box may come within ``clearance``
+    ``keep_clear``: ``(N, 3)`` points (camera positions) no object may come within ``clearance``
     metres of (horizontally). Room half sizes are 2.5-6 m (depths up to about 10 m), height
-    2.4-3.5 m; without a ceiling the sky above the walls has no depth.
+    2.4-3.5 m; without a ceiling the sky above the walls has no depth. ``num_boxes``: how many
+    objects (default 4-10); ``kinds``: object kind -> weight (default :data:`OBJECT_KINDS`). The
+    light comes from a random direction (high or low), with a random tint, ambient level and
+    exposure.
     """
     if room is None:
         room = (float(rng.uniform(2.5, 6.0)), float(rng.uniform(2.5, 6.0)), float(rng.uniform(2.4, 3.5)))
@@ -623,26 +849,26 @@ def make_scene(rng: np.random.Generator, *, keep_clear: np.ndarray | None = None
     textures = [random_texture(rng, (0.3, 1.0)) for _ in range(6)]
     surfaces: list = room_surfaces(half_x, half_y, height, textures, ceiling=ceiling)
     count = int(rng.integers(4, 11)) if num_boxes is None else int(num_boxes)
+    weights = dict(kinds or OBJECT_KINDS)
+    names = sorted(weights)
+    p = np.array([weights[k] for k in names], dtype=float)
     clear = np.zeros((0, 3)) if keep_clear is None else np.asarray(keep_clear, dtype=float).reshape(-1, 3)
     placed = 0
     for _ in range(50 * max(count, 1)):
         if placed >= count:
             break
-        half = np.array([rng.uniform(0.15, 0.8), rng.uniform(0.15, 0.8), rng.uniform(0.15, 0.9)])
-        reach = float(np.hypot(half[0], half[1]))
-        if half_x - reach < 0.2 or half_y - reach < 0.2:
+        kind = str(rng.choice(names, p=p / p.sum()))
+        obj = _random_object(rng, kind, room, f"{kind}_{placed}")
+        if obj is None:
             continue
-        center = np.array([rng.uniform(-half_x + reach, half_x - reach),
-                           rng.uniform(-half_y + reach, half_y - reach), half[2]])
-        if rng.random() < 0.25:  # stacked or floating boxes for vertical structure
-            center[2] += rng.uniform(0.0, max(height - 2 * half[2] - 0.2, 0.0))
-        box = Box(center, half, float(rng.uniform(0, math.pi)), random_texture(rng, (0.15, 0.5)), f"box_{placed}")
-        if len(clear) and np.any(box.contains(clear * (1, 1, 0) + (0, 0, center[2]), margin=clearance)):
+        if len(clear) and np.any(obj.contains(clear * (1, 1, 0) + (0, 0, obj.center[2]), margin=clearance)):
             continue
-        surfaces.append(box)
+        surfaces.append(obj)
         placed += 1
-    light = np.array([rng.uniform(-0.5, 0.5), rng.uniform(-0.5, 0.5), 1.0])
-    return Scene(tuple(surfaces), light, float(rng.uniform(0.3, 0.45)), room)
+    light = np.array([rng.uniform(-1.0, 1.0), rng.uniform(-1.0, 1.0), rng.uniform(0.25, 1.0)])
+    tint = np.clip(1.0 + rng.uniform(-0.15, 0.15) * np.array([1.0, 0.0, -1.0]) + rng.uniform(-0.05, 0.05, 3), 0.7, 1.2)
+    return Scene(tuple(surfaces), light, float(rng.uniform(0.2, 0.55)), room,
+                 tuple(float(v) for v in tint), float(rng.uniform(0.75, 1.25)))
 
 
 # --------------------------------------------------------------------------------------------
