@@ -12,7 +12,13 @@ task's parser, and the metrics of :mod:`vlm3_ros.metrics` are computed with the 
   pair counts as a failure;
 * trajectory: consecutive pose pairs of a recording (pairs ``(i, i + gap)`` chained
   ``i -> i + gap -> i + 2 gap ...``) are composed into a trajectory and compared with the chained
-  ground truth: ATE after SE(3) alignment (:func:`vlm3_ros.metrics.ate`) and RPE.
+  ground truth: ATE after SE(3) alignment (:func:`vlm3_ros.metrics.ate`), ATE from the common
+  start without alignment, and RPE.
+
+Each task's report holds its baselines, what a predictor that ignores the images scores on the same
+samples: correspondence against the identity (pixel 2 = pixel 1), pose and trajectory against zero
+motion (and, given a training set's mean direction, a constant direction), depth against constants
+from a training set (:func:`training_constants`). :func:`baseline_comparison` lines them up.
 
 Bags are first converted with :func:`vlm3_train.convert.convert_bags` using the backend's own
 task specs (so the images are prepared as the model expects), with consecutive pose pairs.
@@ -47,10 +53,12 @@ from vlm3_ros.protocol import AnswerParseError, ProtocolError, TaskSpec
 __all__ = [
     "EvalError",
     "TaskResults",
+    "baseline_comparison",
     "evaluate_bags",
     "evaluate_datasets",
     "ground_truth_of",
     "chain_trajectories",
+    "training_constants",
     "write_plots",
 ]
 
@@ -78,6 +86,7 @@ class TaskResults:
     corr_gt: list[tuple[float, float]] = field(default_factory=list)
     corr_pred_px: list[tuple[float, float] | None] = field(default_factory=list)
     corr_gt_px: list[tuple[float, float]] = field(default_factory=list)
+    corr_px1: list[tuple[float, float]] = field(default_factory=list)  # the question's pixel in image 1
     pose_pred: list[np.ndarray | None] = field(default_factory=list)  # 4x4; NaN translation when no distance
     pose_dir: list[np.ndarray | None] = field(default_factory=list)  # unit translation direction
     pose_gt: list[np.ndarray] = field(default_factory=list)
@@ -143,7 +152,7 @@ def _record(results: TaskResults, task: str, spec: TaskSpec, questions: Sequence
     if task == "depth":
         for question, answer, gt in zip(questions, answers, targets["values"]):
             try:
-                value: float | None = protocol.parse_depth_answer(answer)
+                value: float | None = protocol.parse_depth_answer(answer, spec)
             except AnswerParseError as exc:
                 value = None
                 results._bad(task, question, answer, str(exc))
@@ -154,7 +163,7 @@ def _record(results: TaskResults, task: str, spec: TaskSpec, questions: Sequence
         scale = float(spec.coord_scale or 1000)
         for question, answer, gt, gt_px in zip(questions, answers, targets["points"], targets["pixels2"]):
             try:
-                x, y = protocol.parse_correspondence_answer(answer)
+                x, y = protocol.parse_correspondence_answer(answer, spec)
                 pred: tuple[float, float] | None = (x, y)
                 pred_px: tuple[float, float] | None = (x / scale * w2, y / scale * h2)
             except AnswerParseError as exc:
@@ -164,12 +173,14 @@ def _record(results: TaskResults, task: str, spec: TaskSpec, questions: Sequence
             results.corr_pred_px.append(pred_px)
             results.corr_gt.append((float(gt[0]), float(gt[1])))
             results.corr_gt_px.append((float(gt_px[0]), float(gt_px[1])))
+        for px1 in targets.get("pixels1") or [(math.nan, math.nan)] * len(answers):
+            results.corr_px1.append((float(px1[0]), float(px1[1])))
     elif task == "pose":
         ids = list(targets.get("question_ids") or [])
         if len(ids) != len(answers):
             ids = [spec.parse_question(q)[0] for q in questions]
         try:
-            rel = protocol.parse_pose_answers(dict(zip(ids, answers)))
+            rel = protocol.parse_pose_answers(dict(zip(ids, answers)), spec)
             T = np.eye(4)
             T[:3, :3] = rel.R
             T[:3, 3] = rel.direction * rel.distance if rel.distance is not None else np.nan
@@ -199,9 +210,9 @@ def _finite_or_none(value: float) -> float | None:
     return float(value) if value is not None and math.isfinite(value) else None
 
 
-def _depth_report(r: TaskResults) -> dict[str, Any]:
+def _depth_report(r: TaskResults, constants: Mapping[str, Any]) -> dict[str, Any]:
     m = metrics.depth_metrics(r.depth_pred, r.depth_gt)
-    return {
+    report = {
         "delta1": m["delta1"],
         "abs_rel": _finite_or_none(m["abs_rel"]),
         "num_points": m["num_points"],
@@ -210,12 +221,22 @@ def _depth_report(r: TaskResults) -> dict[str, Any]:
         "num_invalid": m["num_invalid"],
         "samples": r.samples.get("depth", 0),
     }
+    baselines = {}
+    gt = np.asarray(r.depth_gt)
+    for metric in ("delta1", "abs_rel"):
+        value = constants.get(f"depth_{metric}")
+        if value is not None:
+            baselines[f"constant_{metric}"] = {"value_m": float(value),
+                                               metric: metrics.depth_metrics(np.full(gt.shape, float(value)), gt)[metric]}
+    if baselines:
+        report["baselines"] = baselines
+    return report
 
 
 def _corr_report(r: TaskResults) -> dict[str, Any]:
     norm = metrics.correspondence_metrics(r.corr_pred, np.asarray(r.corr_gt), thresholds=(5.0, 10.0, 20.0))
     px = metrics.correspondence_metrics(r.corr_pred_px, np.asarray(r.corr_gt_px), thresholds=(1.0, 3.0, 5.0))
-    return {
+    report = {
         "epe": _finite_or_none(norm["epe"]),
         "epe_px": _finite_or_none(px["epe"]),
         "within_norm": {k: v for k, v in norm.items() if k.startswith("within_")},
@@ -225,6 +246,10 @@ def _corr_report(r: TaskResults) -> dict[str, Any]:
         "num_unparseable": r.unparseable.get("correspondence", 0),
         "samples": r.samples.get("correspondence", 0),
     }
+    identity = np.asarray(r.corr_px1, dtype=float).reshape(-1, 2)
+    if len(identity) == len(r.corr_gt_px) and np.isfinite(identity).all():
+        report["baselines"] = {"identity": {"epe_px": metrics.epe(identity, np.asarray(r.corr_gt_px))}}
+    return report
 
 
 def _pose_arrays(r: TaskResults) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -239,7 +264,32 @@ def _pose_arrays(r: TaskResults) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
     return R_pred, t_pred, gt[:, :3, :3], gt[:, :3, 3]
 
 
-def _pose_report(r: TaskResults) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+def _pose_scores(rot: np.ndarray, trans: np.ndarray) -> dict[str, Any]:
+    def stats(e: np.ndarray) -> dict[str, float | None]:
+        ok = np.isfinite(e)
+        return {"median": _finite_or_none(np.median(e[ok])) if ok.any() else None,
+                "mean": _finite_or_none(np.mean(e[ok])) if ok.any() else None}
+
+    return {"auc30": metrics.auc_percent(rot, 30, trans_err_deg=trans), "rotation_error_deg": stats(rot),
+            "translation_error_deg": stats(trans)}
+
+
+def _pose_baselines(R_gt: np.ndarray, t_gt: np.ndarray, constants: Mapping[str, Any]) -> dict[str, Any]:
+    """Zero motion (identity rotation, no translation: its direction error is the worst, 90
+    degrees) and, given one, a constant direction (identity rotation)."""
+    n = len(R_gt)
+    eye = np.broadcast_to(np.eye(3), (n, 3, 3))
+    rot, trans = metrics.relative_pose_errors(eye, np.zeros((n, 3)), R_gt, t_gt)
+    out = {"zero_motion": _pose_scores(np.atleast_1d(rot), np.atleast_1d(trans))}
+    direction = constants.get("direction")
+    if direction is not None:
+        rot, trans = metrics.relative_pose_errors(eye, np.broadcast_to(np.asarray(direction, float), (n, 3)), R_gt, t_gt)
+        out["constant_direction"] = {"direction": [float(v) for v in direction],
+                                     **_pose_scores(np.atleast_1d(rot), np.atleast_1d(trans))}
+    return out
+
+
+def _pose_report(r: TaskResults, constants: Mapping[str, Any]) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     R_pred, t_pred, R_gt, t_gt = _pose_arrays(r)
     rot, trans = metrics.relative_pose_errors(R_pred, t_pred, R_gt, t_gt)
     rot, trans = np.atleast_1d(rot), np.atleast_1d(trans)
@@ -250,18 +300,15 @@ def _pose_report(r: TaskResults) -> tuple[dict[str, Any], np.ndarray, np.ndarray
             dist_err.append(abs(float(np.linalg.norm(T[:3, 3])) - float(np.linalg.norm(G[:3, 3]))))
     finite = np.isfinite(pair)
     report = {
-        "auc30": metrics.auc_percent(rot, 30, trans_err_deg=trans),
+        **_pose_scores(rot, trans),
         "auc15": metrics.auc_percent(rot, 15, trans_err_deg=trans),
         "auc5": metrics.auc_percent(rot, 5, trans_err_deg=trans),
-        "rotation_error_deg": {"median": _finite_or_none(np.median(rot[np.isfinite(rot)])) if np.isfinite(rot).any() else None,
-                               "mean": _finite_or_none(np.mean(rot[np.isfinite(rot)])) if np.isfinite(rot).any() else None},
-        "translation_error_deg": {"median": _finite_or_none(np.median(trans[np.isfinite(trans)])) if np.isfinite(trans).any() else None,
-                                  "mean": _finite_or_none(np.mean(trans[np.isfinite(trans)])) if np.isfinite(trans).any() else None},
         "distance_error_m": {"median": float(np.median(dist_err)) if dist_err else None,
                              "mean": float(np.mean(dist_err)) if dist_err else None},
         "num_pairs": int(len(pair)),
         "num_parsed": int(finite.sum()),
         "num_unparseable": r.unparseable.get("pose", 0),
+        "baselines": _pose_baselines(R_gt, t_gt, constants),
     }
     return report, rot, trans
 
@@ -306,27 +353,107 @@ def chain_trajectories(keys: Sequence[tuple[str, int, int]], pred: Sequence[np.n
 
 
 def _trajectory_report(chains: list[dict[str, Any]]) -> dict[str, Any]:
+    """ATE (SE(3)-aligned, and from the common start without alignment), RPE, and the zero-motion
+    trajectory's ATE from the common start (the camera never moves: the truth's distance from
+    its first position)."""
     per_chain = []
     for c in chains:
         a = metrics.ate(c["pred"], c["gt"], align="se3")
+        start = metrics.ate(c["pred"], c["gt"], align="none")
+        still = metrics.ate(np.broadcast_to(np.eye(4), c["gt"].shape), c["gt"], align="none")
         r = metrics.rpe(c["pred"], c["gt"], delta=1)
         c["alignment"] = a["alignment"]
         per_chain.append({
             "source": c["source"], "gap": c["gap"], "first_frame": c["frames"][0], "num_poses": len(c["frames"]),
-            "ate_rmse_m": a["rmse"], "ate_mean_m": a["mean"], "rpe_trans_rmse_m": r["trans_rmse"],
+            "ate_rmse_m": a["rmse"], "ate_mean_m": a["mean"], "ate_from_start_m": start["rmse"],
+            "zero_motion_ate_from_start_m": still["rmse"], "rpe_trans_rmse_m": r["trans_rmse"],
             "rpe_rot_rmse_deg": r["rot_rmse_deg"],
             "path_length_m": float(np.sum(np.linalg.norm(np.diff(c["gt"][:, :3, 3], axis=0), axis=1))),
         })
     if not per_chain:
         return {"num_trajectories": 0}
     weights = np.array([p["num_poses"] for p in per_chain], dtype=float)
+
+    def rms(key: str) -> float:
+        return float(np.sqrt(np.sum(weights * np.array([p[key] for p in per_chain]) ** 2) / weights.sum()))
+
     return {
         "num_trajectories": len(per_chain),
-        "ate_rmse_m": float(np.sqrt(np.sum(weights * np.array([p["ate_rmse_m"] for p in per_chain]) ** 2) / weights.sum())),
-        "rpe_trans_rmse_m": float(np.sqrt(np.sum(weights * np.array([p["rpe_trans_rmse_m"] for p in per_chain]) ** 2) / weights.sum())),
-        "rpe_rot_rmse_deg": float(np.sqrt(np.sum(weights * np.array([p["rpe_rot_rmse_deg"] for p in per_chain]) ** 2) / weights.sum())),
+        "ate_rmse_m": rms("ate_rmse_m"),
+        "ate_from_start_m": rms("ate_from_start_m"),
+        "rpe_trans_rmse_m": rms("rpe_trans_rmse_m"),
+        "rpe_rot_rmse_deg": rms("rpe_rot_rmse_deg"),
+        "baselines": {"zero_motion": {"ate_from_start_m": rms("zero_motion_ate_from_start_m")}},
         "trajectories": per_chain,
     }
+
+
+def training_constants(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What a predictor that ignores the images would answer, fitted on a training dataset's targets:
+    the constant depth with the best delta1 and the one with the best AbsRel (searched over the
+    training values' percentiles), and the mean unit translation direction of its pose pairs."""
+    ds, _ = _open(Path(path))
+    depths, directions = [], []
+    for task, text in zip(ds.data.column("task").to_pylist(), ds.data.column("targets").to_pylist()):
+        targets = _json_loads(text, "targets")
+        if task == "depth":
+            depths.extend(float(v) for v in targets["values"])
+        elif task == "pose":
+            t = np.asarray(targets["T"], dtype=float)[:3, 3]
+            if np.linalg.norm(t) > 0:
+                directions.append(t / np.linalg.norm(t))
+    out: dict[str, Any] = {}
+    if depths:
+        values = np.asarray(depths)
+        candidates = np.unique(np.percentile(values, np.linspace(1, 99, 197)))
+        best_delta1 = max(candidates, key=lambda c: metrics.delta1(np.full(values.shape, c), values))
+        best_abs_rel = min(candidates, key=lambda c: float(np.mean(np.abs(c - values) / values)))
+        out.update(depth_delta1=float(best_delta1), depth_abs_rel=float(best_abs_rel))
+    if directions:
+        mean = np.mean(directions, axis=0)
+        if np.linalg.norm(mean) > 1e-9:
+            out["direction"] = (mean / np.linalg.norm(mean)).tolist()
+    return out
+
+
+#: (report section, metric key path, baseline key path, lower is better) of :func:`baseline_comparison`.
+_COMPARISONS = (
+    ("depth", ("delta1",), ("baselines", "constant_delta1", "delta1"), False),
+    ("depth", ("abs_rel",), ("baselines", "constant_abs_rel", "abs_rel"), True),
+    ("correspondence", ("epe_px",), ("baselines", "identity", "epe_px"), True),
+    ("pose", ("auc30",), ("baselines", "zero_motion", "auc30"), False),
+    ("pose", ("auc30",), ("baselines", "constant_direction", "auc30"), False),
+    ("pose", ("rotation_error_deg", "median"), ("baselines", "zero_motion", "rotation_error_deg", "median"), True),
+    ("pose", ("translation_error_deg", "median"), ("baselines", "constant_direction", "translation_error_deg", "median"),
+     True),
+    ("trajectory", ("ate_from_start_m",), ("baselines", "zero_motion", "ate_from_start_m"), True),
+)
+
+
+def baseline_comparison(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Each metric of a report next to its baseline: ``task``, ``metric``, ``model``, ``baseline``
+    (the baseline's name), ``baseline_value``, ``lower_is_better`` and ``beats`` (strictly better;
+    False when the model's value is missing)."""
+
+    def get(node: Any, path: Sequence[str]) -> Any:
+        for key in path:
+            if not isinstance(node, Mapping) or key not in node:
+                return None
+            node = node[key]
+        return node
+
+    rows = []
+    for section, metric_path, baseline_path, lower in _COMPARISONS:
+        part = report.get(section)
+        baseline = get(part, baseline_path)
+        if part is None or baseline is None:
+            continue
+        model = get(part, metric_path)
+        beats = model is not None and (model < baseline if lower else model > baseline)
+        rows.append({"task": section, "metric": ".".join(metric_path), "model": model,
+                     "baseline": baseline_path[1], "baseline_value": baseline, "lower_is_better": lower,
+                     "beats": bool(beats)})
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------
@@ -460,7 +587,8 @@ def evaluate_datasets(backend: Backend, paths: Sequence[str | os.PathLike[str]],
                       oracle: bool = False, split: str = "auto", tasks: Sequence[str] | None = None,
                       max_samples: int | None = None, max_new_tokens: Mapping[str, int] | int | None = None,
                       plots: bool = True, progress: bool = True, seed: int = 0,
-                      extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                      extra: Mapping[str, Any] | None = None,
+                      constants: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate ``backend`` on dataset directories; write ``report.json`` (+ plots) into ``output``.
 
     Args:
@@ -470,6 +598,8 @@ def evaluate_datasets(backend: Backend, paths: Sequence[str | os.PathLike[str]],
         tasks: only these tasks (default: all in the data).
         max_samples: at most this many samples per task and dataset (seeded choice).
         max_new_tokens: per task (or one number); defaults to :data:`DEFAULT_MAX_NEW_TOKENS`.
+        constants: a training set's constant predictors (:func:`training_constants`), reported
+            as baselines beside the model.
     Returns:
         the report (also written as ``report.json``).
     """
@@ -531,15 +661,17 @@ def evaluate_datasets(backend: Backend, paths: Sequence[str | os.PathLike[str]],
     }
     rot = trans = None
     chains: list[dict[str, Any]] = []
+    constants = dict(constants or {})
     if results.depth_gt:
-        report["depth"] = _depth_report(results)
+        report["depth"] = _depth_report(results, constants)
     if results.corr_gt:
         report["correspondence"] = _corr_report(results)
     if results.pose_gt:
-        report["pose"], rot, trans = _pose_report(results)
+        report["pose"], rot, trans = _pose_report(results, constants)
         chains = chain_trajectories(results.pose_keys, results.pose_pred, results.pose_gt)
         report["trajectory"] = _trajectory_report(chains)
     report["unparseable_examples"] = {k: v for k, v in results.examples.items() if v}
+    report["against_baselines"] = baseline_comparison(report)
     if extra:
         report.update(extra)
     if output is not None:
