@@ -16,7 +16,13 @@ from vlm3_ros.engine import Backend, OracleBackend, Request, Response, load_back
 from vlm3_ros.protocol import TaskSpec  # noqa: E402
 
 from train_helpers import small_dataset, small_specs  # noqa: E402
-from vlm3_train.evaluate import EvalError, chain_trajectories, evaluate_bags, evaluate_datasets  # noqa: E402
+from vlm3_train.evaluate import (  # noqa: E402
+    EvalError,
+    chain_trajectories,
+    evaluate_bags,
+    evaluate_datasets,
+    training_constants,
+)
 
 
 def _write_sevenscenes_bag(scenes, path: Path, frames: int) -> Path:
@@ -113,6 +119,50 @@ def test_splits_and_pose_failures(dataset, tmp_path):
                                progress=False)
     assert broken["pose"]["num_unparseable"] == broken["pose"]["num_pairs"] == 8
     assert broken["pose"]["auc30"] == 0.0
+
+
+def test_baselines_are_what_image_blind_predictors_score(dataset):
+    """The constants are fitted on a training set's targets; each baseline is recomputed here from the
+    dataset's own ground truth, and the (perfect) oracle beats every one of them."""
+    from vlm3_ros import metrics
+    from vlm3_ros.geometry import rotation_angle
+
+    from vlm3_train.evaluate import _open
+
+    constants = training_constants(dataset)
+    ds, _ = _open(Path(dataset))
+    depths, poses = [], []
+    for task, text in zip(ds.data.column("task").to_pylist(), ds.data.column("targets").to_pylist()):
+        targets = json.loads(text)
+        if task == "depth":
+            depths.extend(targets["values"])
+        else:
+            poses.append(np.asarray(targets["T"], float))
+    depths = np.asarray(depths)
+    # The best constant of a percentile search: no constant on a fine grid does clearly better.
+    best = max(metrics.delta1(np.full(depths.shape, c), depths) for c in np.linspace(depths.min(), depths.max(), 400))
+    assert metrics.delta1(np.full(depths.shape, constants["depth_delta1"]), depths) >= best - 0.02
+    mean = np.mean([T[:3, 3] / np.linalg.norm(T[:3, 3]) for T in poses], axis=0)
+    np.testing.assert_allclose(constants["direction"], mean / np.linalg.norm(mean), atol=1e-9)
+
+    report = evaluate_datasets(OracleBackend(small_specs()), [dataset], None, oracle=True, split="all", progress=False,
+                               constants=constants)
+    depth = report["depth"]["baselines"]
+    assert depth["constant_delta1"]["delta1"] == pytest.approx(
+        metrics.delta1(np.full(depths.shape, constants["depth_delta1"]), depths))
+    assert depth["constant_abs_rel"]["abs_rel"] == pytest.approx(
+        float(np.mean(np.abs(constants["depth_abs_rel"] - depths) / depths)))
+    zero = report["pose"]["baselines"]["zero_motion"]
+    # Standing still: the rotation error is the true rotation; the direction is undefined (90 degrees).
+    assert zero["auc30"] == 0.0 and zero["translation_error_deg"]["median"] == 90.0
+    assert zero["rotation_error_deg"]["median"] == pytest.approx(np.median([rotation_angle(T[:3, :3]) for T in poses]))
+    assert report["pose"]["baselines"]["constant_direction"]["direction"] == constants["direction"]
+    still = report["trajectory"]["baselines"]["zero_motion"]["ate_from_start_m"]
+    assert still > 0.05 and report["trajectory"]["ate_from_start_m"] < 0.02
+    rows = report["against_baselines"]
+    assert {(r["task"], r["baseline"]) for r in rows} >= {("depth", "constant_delta1"), ("pose", "zero_motion"),
+                                                         ("pose", "constant_direction"), ("trajectory", "zero_motion")}
+    assert all(r["beats"] for r in rows), rows
 
 
 def test_chained_trajectory_and_broken_chains():
