@@ -6,19 +6,26 @@ ships a recipe instead of weights: :func:`ensure_default_model` builds the check
 entry is named by :data:`DEFAULT_MODEL_VERSION` and a hash of the recipe, so changing either
 builds a new one.
 
-The build runs the package's own pipeline end to end:
+The model answers depth, correspondence and pose with the compact task specs
+(:func:`vlm3_ros.protocol.compact_specs`: two-digit text coordinates, numbers-only answers), sized
+for small images. The build runs the package's own pipeline end to end:
 
 1. a random Qwen3-VL checkpoint of the ``default`` size (:func:`vlm3_ros.engine.model_factory.build_checkpoint`)
-   whose protocol file holds a depth spec adapted to its size (a focal target that makes the
-   synthetic image about 64 image tokens, coordinates in [0, 100], a short question and answer);
-2. synthetic scenes (:mod:`vlm3_train.synthetic`) converted with :func:`vlm3_train.convert.convert_frames`
-   (training scenes and held-out scenes, split by scene);
-3. :func:`vlm3_train.sft.train`;
-4. :func:`vlm3_train.evaluate.evaluate_datasets` on the held-out scenes, for the trained model and
-   the untrained one, beside a constant predictor (the training set's median depth).
+   whose protocol file holds those specs (its tokenizer is trained on their texts too);
+2. synthetic scenes seen by a ground robot's camera (:func:`vlm3_train.synthetic.generate_robot_sequence`:
+   random rooms, objects, textures, light, camera heights and focal lengths, forward and turning
+   motion) converted with :func:`vlm3_train.convert.convert_frames`, training scenes and held-out
+   scenes of another seed;
+3. :func:`vlm3_train.sft.train` for a fixed number of steps (the build is deterministic);
+4. :func:`vlm3_train.evaluate.evaluate_datasets` on the held-out scenes, each metric beside its
+   baseline (:func:`vlm3_train.evaluate.baseline_comparison`): depth against the best constants of
+   the training set, correspondence against the identity, pose and the chained trajectory against
+   zero motion (and a constant direction); depth also on the real 7-Scenes frames of the shared
+   data folder where present (never trained on).
 
-The trained model must beat both baselines on held-out delta1; otherwise the build fails and
-nothing is cached. The numbers go into ``vlm3_default_model.json`` in the checkpoint.
+The comparison is printed at build and stored beside the model (``vlm3_default_model.json``, and
+the evaluation reports with their plots). A metric that does not beat its baseline is said so
+plainly; a model whose depth does not beat the constant fails the build and is not cached.
 """
 
 from __future__ import annotations
@@ -30,11 +37,9 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
-
-import numpy as np
+from typing import Any, Callable, Iterator
 
 __all__ = [
     "DEFAULT_MODEL_VERSION",
@@ -45,11 +50,15 @@ __all__ = [
     "default_model_path",
     "default_model_specs",
     "ensure_default_model",
+    "format_comparison",
+    "shared_data_dir",
 ]
 
 #: Bump to invalidate every cached default model (the recipe hash also invalidates on any change).
-DEFAULT_MODEL_VERSION = "1"
+DEFAULT_MODEL_VERSION = "2"
 REPORT_NAME = "vlm3_default_model.json"
+#: Maximum answer lengths used to evaluate the default model (its answers are a few tokens).
+EVAL_MAX_NEW_TOKENS = {"depth": 8, "correspondence": 10, "pose": 20}
 
 
 class DefaultModelError(RuntimeError):
@@ -62,35 +71,39 @@ class DefaultModelRecipe:
 
     Attributes:
         preset: model size (a :data:`vlm3_ros.engine.model_factory.PRESETS` name).
-        focal: the depth spec's focal target in pixels (the synthetic camera has f = 220 px on a
-            256 x 192 image; 256 px gives about 64 image tokens).
+        depth_focal: the depth spec's focal target in pixels (256 px makes a 640x480 f = 585 frame
+            280 x 210, about 63 image tokens).
+        correspondence_max_edge: the correspondence spec's image size (longest side, pixels).
+        pose_focal: the pose spec's focal target in pixels.
         coord_scale: text coordinates range [0, coord_scale].
-        question, answer: the depth spec's question and answer templates.
         min_image_tokens: the image processor's minimum size, in image tokens.
-        camera_height: the synthetic camera is a ground robot's: at this height (metres), level;
-            ``None`` keeps the generator's hand-held paths (varying height, pitch and roll).
-        train_scenes, frames: training scenes (one sequence each) and frames per scene.
+        train_scenes, frames: training scenes (one robot sequence each) and frames per scene.
         val_scenes, val_frames: held-out scenes (another seed) and their frames.
-        points: depth questions per image.
-        questions_per_sample: questions per training sample (see :class:`vlm3_train.sft.TrainConfig`).
+        depth_points: depth questions per image; correspondence_points: per frame pair.
+        correspondence_gaps, pose_gaps: frame gaps of the pairs.
+        questions_per_sample: questions per training sample (0: all of a row's), and
+        isolate_turns: each question trained as the engine asks it (see :class:`vlm3_train.sft.TrainConfig`).
         steps, batch_size, learning_rate, warmup: training length and optimiser.
         seed: everything is deterministic for a seed.
     """
 
     preset: str = "default"
-    focal: float = 256.0
+    depth_focal: float = 256.0
+    correspondence_max_edge: float = 224.0
+    pose_focal: float = 160.0
     coord_scale: int = 100
-    question: str = "How far is the point at coordinates ({nx}, {ny}) from the camera?"
-    answer: str = "<answer> {distance:.2f} </answer>"
     min_image_tokens: int = 16
-    camera_height: float | None = 0.6
-    train_scenes: int = 12
+    train_scenes: int = 16
     frames: int = 20
     val_scenes: int = 4
-    val_frames: int = 5
-    points: int = 20
-    questions_per_sample: int = 4
-    steps: int = 1000
+    val_frames: int = 20
+    depth_points: int = 20
+    correspondence_points: int = 8
+    correspondence_gaps: tuple[int, ...] = (1, 3)
+    pose_gaps: tuple[int, ...] = (1, 3)
+    questions_per_sample: int = 0
+    isolate_turns: bool = True
+    steps: int = 1200
     batch_size: int = 4
     learning_rate: float = 1e-3
     warmup: float = 30
@@ -106,18 +119,11 @@ DEFAULT_RECIPE = DefaultModelRecipe()
 
 
 def default_model_specs(recipe: DefaultModelRecipe = DEFAULT_RECIPE):
-    """The task specs of the default model (its protocol file)."""
-    from vlm3_ros import protocol
-    from vlm3_ros.protocol import Preprocess
+    """The task specs of the default model (its protocol file): the compact specs at its sizes."""
+    from vlm3_ros.protocol import compact_specs
 
-    depth = replace(
-        protocol.DEPTH,
-        preprocess=Preprocess("focal", float(recipe.focal), undistort=True),
-        coord_scale=int(recipe.coord_scale),
-        questions={"depth": recipe.question},
-        answers={"depth": recipe.answer},
-    )
-    return {"depth": depth}
+    return compact_specs(depth_focal=recipe.depth_focal, correspondence_max_edge=recipe.correspondence_max_edge,
+                         pose_focal=recipe.pose_focal, coord_scale=recipe.coord_scale)
 
 
 def default_model_path(cache_dir: str | os.PathLike[str] | None = None, recipe: DefaultModelRecipe = DEFAULT_RECIPE) -> Path:
@@ -129,6 +135,17 @@ def default_model_path(cache_dir: str | os.PathLike[str] | None = None, recipe: 
     else:
         root = Path(cache_dir)
     return root / recipe.key()
+
+
+def shared_data_dir() -> Path:
+    """The shared real-data folder: ``$VLM3_SHARED_DATA``, else ``../shared/data`` beside the
+    project's root (present on development and CI machines only)."""
+    env = os.environ.get("VLM3_SHARED_DATA")
+    if env:
+        return Path(env)
+    import vlm3_ros
+
+    return Path(vlm3_ros.__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 @contextlib.contextmanager
@@ -153,7 +170,7 @@ def ensure_default_model(cache_dir: str | os.PathLike[str] | None = None, force:
     wait for one build.
 
     Raises:
-        DefaultModelError: the build failed or the model did not beat its baselines.
+        DefaultModelError: the build failed or the model's depth did not beat its baseline.
     """
     target = default_model_path(cache_dir, recipe)
     if not force and (target / REPORT_NAME).is_file():
@@ -173,37 +190,52 @@ def ensure_default_model(cache_dir: str | os.PathLike[str] | None = None, force:
     return target
 
 
-def robot_sequence(seed: int, scene_index: int, frames: int, camera_height: float | None):
-    """A synthetic scene and camera path (:func:`vlm3_train.synthetic.generate_sequence`'s), with the
-    camera of a ground robot when ``camera_height`` is given: at that height, level (no pitch, no
-    roll), looking where the generated path looks."""
-    import math
+def _robot_sources(seed: int, count: int, frames: int) -> dict[str, Any]:
+    from .synthetic import generate_robot_sequence
 
-    from .synthetic import FRAME_PERIOD_NS, SyntheticSequence, generate_sequence, look_pose, make_scene, make_trajectory
-
-    if camera_height is None:
-        return generate_sequence(seed=seed, frames=frames, scene_index=scene_index, supersample=1)
-    reference = generate_sequence(seed=seed, frames=1, scene_index=scene_index, supersample=1)
-    rng = np.random.default_rng([int(seed), int(scene_index)])  # the generator's own draws, in its order
-    room = (float(rng.uniform(2.5, 6.0)), float(rng.uniform(2.5, 6.0)), float(rng.uniform(2.4, 3.5)))
-    path = make_trajectory(rng, int(frames), room)
-    poses = np.stack([look_pose((T[0, 3], T[1, 3], camera_height), math.atan2(T[1, 2], T[0, 2]), 0.0, 0.0)
-                      for T in path])
-    scene = make_scene(rng, keep_clear=poses[:, :3, 3], room=room)
-    stamps = int(reference.stamps_ns[0]) + FRAME_PERIOD_NS * np.arange(int(frames), dtype=np.int64)
-    return SyntheticSequence(scene, reference.intrinsics, poses, stamps, 1, int(seed))
-
-
-def _synthetic_sources(seed: int, count: int, frames: int, camera_height: float | None) -> dict[str, Any]:
-    return {f"synthetic-{seed}-{k:03d}": robot_sequence(seed, k, frames, camera_height).rgbd_frames()
+    return {f"synthetic-{seed}-{k:03d}": generate_robot_sequence(seed, frames, scene_index=k).rgbd_frames()
             for k in range(count)}
 
 
-def _depth_values(path: Path) -> np.ndarray:
-    import datasets
+def _sevenscenes_frames(root: Path) -> list[tuple]:
+    """The real 7-Scenes frames as ``(stamp_ns, rgb, intrinsics, depth z, T_w_c)`` at 30 Hz."""
+    from vlm3_ros.camera import Intrinsics
+    from vlm3_ros.datasets.sevenscenes import SevenScenes
 
-    ds = datasets.load_from_disk(str(path / "data"))
-    return np.concatenate([json.loads(t)["values"] for t in ds.data.column("targets").to_pylist()])
+    scenes = SevenScenes(root)
+    frames = []
+    for k, frame_id in enumerate(scenes.frame_ids):
+        rgb, depth, pose = scenes.load_frame(frame_id)
+        K = Intrinsics.from_K(scenes.intrinsics(), rgb.shape[1], rgb.shape[0])
+        frames.append((1_000_000_000 + k * 33_333_333, rgb, K, depth, pose))
+    return frames
+
+
+def format_comparison(rows: list[dict[str, Any]], title: str) -> str:
+    """Lines stating each metric beside its baseline, and plainly which ones it does not beat."""
+    def fmt(value: Any) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    lines = [title]
+    for row in rows:
+        verdict = "beats it" if row["beats"] else "DOES NOT BEAT IT"
+        lines.append(f"  {row['task']:<15} {row['metric']:<29} {fmt(row['model']):>8}   "
+                     f"{row['baseline']:<19} {fmt(row['baseline_value']):>8}   {verdict}")
+    failed = [f"{r['task']} {r['metric']} (against {r['baseline']})" for r in rows if not r["beats"]]
+    if failed:
+        lines.append("  the model does not beat its baseline on: " + "; ".join(failed))
+    return "\n".join(lines)
+
+
+def _summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The metrics of an evaluation report without its bulk (per-chain trajectories, examples)."""
+    keep = {}
+    for task in ("depth", "correspondence", "pose", "trajectory"):
+        if task in report:
+            keep[task] = {k: v for k, v in report[task].items() if k not in ("trajectories",)}
+    keep["samples"] = report.get("samples")
+    keep["against_baselines"] = report.get("against_baselines", [])
+    return keep
 
 
 def build_default_model(output: str | os.PathLike[str], *, recipe: DefaultModelRecipe = DEFAULT_RECIPE,
@@ -211,26 +243,27 @@ def build_default_model(output: str | os.PathLike[str], *, recipe: DefaultModelR
     """Build, train and check the default model into ``output``; returns its report.
 
     Raises:
-        DefaultModelError: the trained model does not beat the untrained model and the constant
-            predictor on held-out delta1 (``output`` is then not written).
+        DefaultModelError: the trained model's held-out depth delta1 does not beat the best
+            constant of the training set (``output`` is then not written).
     """
-    from vlm3_ros import metrics
     from vlm3_ros.engine.checkpoint import load_checkpoint
     from vlm3_ros.engine.model_factory import build_checkpoint
     from vlm3_ros.engine.transformers_backend import TransformersBackend
+    from vlm3_ros.paths import write_json_atomic
 
     from .convert import ConvertOptions, convert_frames
-    from .evaluate import evaluate_datasets
+    from .evaluate import evaluate_datasets, training_constants
     from .sft import TrainConfig, train
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     timings: dict[str, float] = {}
+    cpu: dict[str, float] = {}
     output = Path(output)
     tmp = tempfile.TemporaryDirectory(prefix="vlm3-default-") if workdir is None else None
     root = Path(workdir) if workdir is not None else Path(tmp.name)  # type: ignore[union-attr]
+    say: Callable[..., None] = (lambda *a: print(*a, flush=True)) if progress else (lambda *a: None)
     try:
         specs = default_model_specs(recipe)
-        say = print if progress else (lambda *a, **k: None)
 
         # 1. The untrained checkpoint, with an image processor sized for small images.
         base = root / "base"
@@ -241,80 +274,84 @@ def build_default_model(output: str | os.PathLike[str], *, recipe: DefaultModelR
         image_processor.size = {"shortest_edge": recipe.min_image_tokens * tokens * tokens,
                                 "longest_edge": 4096 * tokens * tokens}
         loaded.processor.save_pretrained(base)
-        timings["base_model"] = time.perf_counter() - t0
+        del loaded
+        timings["base_model"], cpu["base_model"] = time.perf_counter() - t0, time.process_time() - c0
 
-        # 2. Synthetic data: training scenes and held-out scenes.
-        t = time.perf_counter()
-        options = dict(tasks=("depth",), specs=specs, points_per_image=recipe.points, split="none", seed=recipe.seed)
-        train_data = convert_frames(_synthetic_sources(recipe.seed, recipe.train_scenes, recipe.frames,
-                                                       recipe.camera_height),
-                                    root / "train", ConvertOptions(**options), overwrite=True, progress=progress).path
-        val_data = convert_frames(_synthetic_sources(recipe.seed + 1000, recipe.val_scenes, recipe.val_frames,
-                                                     recipe.camera_height),
+        # 2. Synthetic data: training scenes and held-out scenes (another seed).
+        t, c = time.perf_counter(), time.process_time()
+        options = dict(tasks=tuple(specs), specs=specs, points_per_image=recipe.depth_points,
+                       points_per_pair=recipe.correspondence_points, correspondence_gaps=recipe.correspondence_gaps,
+                       pose_gaps=recipe.pose_gaps, split="none", seed=recipe.seed)
+        train_data = convert_frames(_robot_sources(recipe.seed, recipe.train_scenes, recipe.frames), root / "train",
+                                    ConvertOptions(**options), overwrite=True, progress=progress).path
+        val_data = convert_frames(_robot_sources(recipe.seed + 1000, recipe.val_scenes, recipe.val_frames),
                                   root / "val", ConvertOptions(**options), overwrite=True, progress=progress).path
-        timings["data"] = time.perf_counter() - t
+        constants = training_constants(train_data)
+        timings["data"], cpu["data"] = time.perf_counter() - t, time.process_time() - c
 
-        # 3. Baselines on the held-out scenes.
-        t = time.perf_counter()
-        train_values = _depth_values(train_data)
-        val_values = _depth_values(val_data)
-        constant = float(np.median(train_values))
-        constant_delta1 = metrics.delta1(np.full(val_values.shape, constant), val_values)
-        limit = {"depth": 12}
-        untrained = evaluate_datasets(TransformersBackend(loaded, warmup=False), [val_data], None, split="all",
-                                      max_new_tokens=limit, plots=False, progress=progress)
-        timings["baselines"] = time.perf_counter() - t
-
-        # 4. Training.
-        t = time.perf_counter()
+        # 3. Training.
+        t, c = time.perf_counter(), time.process_time()
         model_dir = root / "trained"
         config = TrainConfig(data=[str(train_data)], model=str(base), output=str(model_dir), split=None,
-                             questions_per_sample=recipe.questions_per_sample, max_steps=recipe.steps,
+                             questions_per_sample=recipe.questions_per_sample, isolate_turns=recipe.isolate_turns,
+                             max_steps=recipe.steps,
                              batch_size=recipe.batch_size, learning_rate=recipe.learning_rate, warmup=recipe.warmup,
                              scheduler="cosine", save_steps=0, seed=recipe.seed, device="cpu", precision="fp32",
                              progress=progress, logging_steps=max(recipe.steps // 20, 1), overwrite=True)
         result = train(config)
-        timings["training"] = time.perf_counter() - t
+        timings["training"], cpu["training"] = time.perf_counter() - t, time.process_time() - c
 
-        # 5. The trained model on the held-out scenes.
-        t = time.perf_counter()
-        trained_backend = TransformersBackend(str(model_dir), device="cpu", dtype="float32", warmup=False)
-        trained = evaluate_datasets(trained_backend, [val_data], root / "report", split="all", max_new_tokens=limit,
-                                    plots=True, progress=progress)
-        timings["evaluation"] = time.perf_counter() - t
-        timings["total"] = time.perf_counter() - t0
+        # 4. The trained model on the held-out scenes (and real frames), beside the baselines.
+        t, c = time.perf_counter(), time.process_time()
+        backend = TransformersBackend(str(model_dir), device="cpu", dtype="float32", warmup=False)
+        heldout = evaluate_datasets(backend, [val_data], root / "report", split="all",
+                                    max_new_tokens=EVAL_MAX_NEW_TOKENS, plots=True, progress=progress,
+                                    constants=constants)
+        real: dict[str, Any] = {}
+        real_dir = shared_data_dir() / "7scenes_redkitchen"
+        if real_dir.is_dir():
+            real_options = ConvertOptions(**{**options, "correspondence_gaps": (5,), "pose_gaps": (5,),
+                                             "points_per_image": 10})
+            real_data = convert_frames({"7scenes_redkitchen": _sevenscenes_frames(real_dir)}, root / "real",
+                                       real_options, overwrite=True, progress=progress).path
+            real = evaluate_datasets(backend, [real_data], root / "report_7scenes", split="all",
+                                     max_new_tokens=EVAL_MAX_NEW_TOKENS, plots=True, progress=progress,
+                                     constants=constants)
+        timings["evaluation"], cpu["evaluation"] = time.perf_counter() - t, time.process_time() - c
+        timings["total"], cpu["total"] = time.perf_counter() - t0, time.process_time() - c0
 
         report = {
             "version": DEFAULT_MODEL_VERSION,
             "key": recipe.key(),
             "recipe": asdict(recipe),
-            "heldout_delta1": {
-                "trained": trained["depth"]["delta1"],
-                "untrained": untrained["depth"]["delta1"],
-                "constant_median": constant_delta1,
-            },
-            "heldout_abs_rel": {"trained": trained["depth"]["abs_rel"],
-                                "constant_median": float(np.mean(np.abs(constant - val_values) / val_values))},
-            "constant_median_m": constant,
-            "heldout_points": int(val_values.size),
-            "training_points": int(train_values.size),
-            "train_loss": result.train_loss,
-            "steps": result.global_step,
-            "unparseable": trained["depth"]["num_unparseable"],
+            "tasks": sorted(specs),
+            "heldout": _summary(heldout),
+            "real_7scenes": _summary(real) if real else {"skipped": f"no real frames at {real_dir}"},
+            "training_constants": constants,
+            "training": {"loss": result.train_loss, "steps": result.global_step,
+                         "samples": json.loads((train_data / "summary.json").read_text())["samples"],
+                         "labels_seen": result.labels_seen},
             "seconds": {k: round(v, 1) for k, v in timings.items()},
+            "cpu_seconds": {k: round(v, 1) for k, v in cpu.items()},
         }
-        say(f"default model: held-out delta1 {report['heldout_delta1']['trained']:.3f} (untrained "
-            f"{report['heldout_delta1']['untrained']:.3f}, constant {constant:.2f} m "
-            f"{constant_delta1:.3f}); built in {timings['total']:.0f} s")
-        best_baseline = max(report["heldout_delta1"]["untrained"], constant_delta1)
-        if not report["heldout_delta1"]["trained"] > best_baseline:
+        say(format_comparison(heldout["against_baselines"],
+                              f"default model: held-out synthetic scenes ({recipe.val_scenes} scenes of another seed)"))
+        if real:
+            say(format_comparison(real["against_baselines"], "default model: real 7-Scenes frames (never trained on)"))
+        else:
+            say(f"default model: real 7-Scenes frames not evaluated ({report['real_7scenes']['skipped']})")
+        say(f"default model: built in {timings['total']:.0f} s (training {timings['training']:.0f} s, "
+            f"{result.global_step} steps)")
+        depth_rows = [r for r in heldout["against_baselines"] if r["task"] == "depth" and r["metric"] == "delta1"]
+        if not depth_rows or not depth_rows[0]["beats"]:
             raise DefaultModelError(
-                f"the default model did not learn: held-out delta1 {report['heldout_delta1']['trained']:.3f} does not "
-                f"beat the untrained model ({report['heldout_delta1']['untrained']:.3f}) and the constant "
-                f"{constant:.2f} m ({constant_delta1:.3f})"
+                "the default model did not learn depth: its held-out delta1 "
+                f"{heldout.get('depth', {}).get('delta1')} does not beat the best constant of the training set"
             )
-        (model_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+        write_json_atomic(model_dir / REPORT_NAME, report, default=float)
         shutil.copytree(root / "report", model_dir / "heldout_report")
+        if real:
+            shutil.copytree(root / "report_7scenes", model_dir / "heldout_report_7scenes")
         output.parent.mkdir(parents=True, exist_ok=True)
         if output.exists():
             shutil.rmtree(output)
