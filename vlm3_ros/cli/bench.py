@@ -8,7 +8,10 @@ machine answers N depth questions twice, side by side in one run:
 (b) the engine: the image prefix encoded and prefilled once, all N questions decoded as one batch.
 
 It reports points/s, per-frame latency, peak memory, the ratio b/a and whether every answer was
-identical token for token, plus where the engine's frame time goes.
+identical token for token, plus where the engine's frame time goes, and the tokens each point
+costs with the model's own depth protocol against the released VLM3 depth protocol in the same
+tokenizer: prompt tokens after the image (the question and the chat turn around it) and answer
+tokens (what the engine generated, against the DepthLM-style answer the VLM3 protocol trains).
 """
 
 from __future__ import annotations
@@ -108,6 +111,41 @@ def _bench_model(preset: str) -> Path:
     return path
 
 
+def _tokens_after_image(backend, encoded) -> list[int]:
+    """Prompt tokens after each question's last image token (and the ``<|vision_end|>`` closing it)."""
+    out = []
+    for ids in encoded.input_ids:
+        last = max(i for i, t in enumerate(ids) if t == encoded.image_token_id)
+        out.append(len(ids) - last - 2)
+    return out
+
+
+def token_costs(backend, estimator, prepared, uv, generated_tokens: int) -> dict:
+    """Tokens per point of the model's depth protocol and of the VLM3 depth protocol (same tokenizer)."""
+    from .. import protocol
+    from ..engine import Request
+
+    spec = estimator.spec
+    questions = estimator.questions(prepared, uv)[0]
+    ours = _tokens_after_image(backend, backend.encode(Request(images=[prepared.image], questions=questions, spec=spec)))
+    width, height = prepared.width, prepared.height
+    vlm3_questions = [protocol.depth_question(*protocol.normalize_point(x, y, width, height, protocol.DEPTH.coord_scale))
+                      for x, y in prepared.mapping.to_prepared(uv)]
+    request = Request(images=[prepared.image], questions=vlm3_questions, spec=protocol.DEPTH)
+    theirs = _tokens_after_image(backend, backend.encode(request))
+    vlm3_answer = len(backend.tokenizer(protocol.format_depth_answer(2.34))["input_ids"]) + 1  # + end of turn
+    n = len(questions)
+    return {
+        "prompt_tokens_per_point": float(np.mean(ours)),
+        "vlm3_prompt_tokens_per_point": float(np.mean(theirs)),
+        "prompt_reduction": float(np.mean(theirs) / np.mean(ours)),
+        "answer_tokens_per_point": generated_tokens / n,
+        "vlm3_answer_tokens_per_point": float(vlm3_answer),
+        "example_question": questions[0],
+        "example_vlm3_question": vlm3_questions[0],
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -185,6 +223,7 @@ def run(args: argparse.Namespace) -> int:
             image_s = t["vision"] + t["prefix_prefill"] + t["preprocess"]
             per_point = reference_s / n
             row["image_sharing_bound"] = reference_s / (image_s + n * max(per_point - image_s, 0.0))
+        row["tokens"] = token_costs(backend, estimator, prepared, uv, row["generated_tokens"])
         results.append(row)
         _print_row(row)
 
@@ -216,5 +255,13 @@ def _print_row(row: dict) -> None:
         f"per-question prefill {t['suffix_prefill']:.3f}s, decode {t['decode']:.3f}s "
         f"({row['generated_tokens']} tokens)"
         + (f"; image-sharing bound {row['image_sharing_bound']:.2f}x" if row.get("image_sharing_bound") else ""),
+        flush=True,
+    )
+    k = row["tokens"]
+    print(
+        f"        tokens per point: prompt {k['prompt_tokens_per_point']:.1f} (VLM3 depth prompt "
+        f"{k['vlm3_prompt_tokens_per_point']:.1f}, {k['prompt_reduction']:.1f}x fewer), answer "
+        f"{k['answer_tokens_per_point']:.1f} (VLM3/DepthLM answer {k['vlm3_answer_tokens_per_point']:.0f}); "
+        f"question {k['example_question']!r}",
         flush=True,
     )
