@@ -457,7 +457,12 @@ def run(args: argparse.Namespace) -> int:
             if "against_baselines" in real:
                 print(format_comparison(real["against_baselines"], "default model: real 7-Scenes frames"))
         served = set(load_protocol(model) or {"depth", "correspondence", "pose"})
-        mode = _odometry_mode(served)
+        # Correspondences that do not beat the identity on held-out scenes would only feed PnP noise.
+        weak = {r["task"] for r in model_report.get("heldout", {}).get("against_baselines", [])
+                if r["task"] == "correspondence" and not r["beats"]}
+        mode = _odometry_mode(served - weak) or _odometry_mode(served)
+        if weak and mode == "pose":
+            _say("odometry in pose mode: the model's correspondences do not beat the identity on held-out scenes")
         if mode is None or "depth" not in served:
             raise SystemExit(f"error: the model serves {sorted(served)}; the demo needs depth and pose or "
                              "correspondence (or run it with --oracle)")
