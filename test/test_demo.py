@@ -51,6 +51,7 @@ def test_demo_in_oracle_mode_reproduces_the_ground_truth(tmp_path, ros_domain_id
     raw = (out / "cloud_odom.ply").read_bytes()
     header, body = raw.split(b"end_header\n")
     assert f"element vertex {total}".encode() in header and report["cloud_points"] == total == depth["answered"]
+    assert report["cloud_frames"] == 5
     # base_link is on the floor: in the odom cloud the floor is at z = 0 (the lowest points).
     table = np.frombuffer(body, dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("r", "u1"), ("g", "u1"), ("b", "u1")])
     assert abs(float(np.percentile(table["z"], 1))) < 0.02 and table["z"].min() > -0.02

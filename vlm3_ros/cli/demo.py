@@ -424,6 +424,7 @@ def _analyse(recorder: Recorder, bag: Path, points_per_frame: int, output: Path,
     cloud_colours = np.concatenate(world_colours) if world_colours else np.zeros((0, 3), np.uint8)
     write_atomic(ply_path, _ply(cloud_points, cloud_colours))
     return {"depth": depth, "trajectory": trajectory, "cloud_points": int(len(cloud_points)),
+            "cloud_frames": len(world_points),
             "files": {"ply": str(ply_path), "trajectory_plot": str(plot_path) if plot_path.exists() else None,
                       "depth_plot": str(depth_path) if depth_path.exists() else None}}
 
@@ -523,7 +524,8 @@ def _summary(report: dict[str, Any], metrics_path: Path) -> None:
               f"(standing still would be {traj['zero_motion_ate_rmse_m'] * 100:.1f} cm)")
     recorded = ", ".join(f"{t} {n}" for t, n in report["recorded_messages"].items() if t != "/diagnostics")
     print(f"  node outputs     {report['node_outputs_bag']} ({recorded})")
-    print(f"  cloud (odom)     {report['files']['ply']} ({report['cloud_points']} points, base_link on the floor)")
+    print(f"  cloud (odom)     {report['files']['ply']} ({report['cloud_points']} points: the clouds of the "
+          f"{report['cloud_frames']} frames that have an odometry pose; base_link on the floor)")
     print(f"  trajectory plot  {report['files']['trajectory_plot']}")
     print(f"  depth figure     {report['files']['depth_plot']}")
     print(f"  metrics          {metrics_path}")
