@@ -236,6 +236,27 @@ def test_perception_command_runs_both_nodes_in_a_separate_process(ros, ros_domai
     assert code == 0, text[-3000:]
 
 
+def test_perception_command_managed_and_autostart(ros, ros_domain_id):
+    from ros_client_helpers import change_state, lifecycle_state, wait_for_nodes
+
+    waiting = _cli(ros_domain_id, "perception", "--params-file", str(PARAMS), "--backend", "oracle", "--managed",
+                   "--namespace", "m1")
+    started = _cli(ros_domain_id, "perception", "--params-file", str(PARAMS), "--backend", "oracle", "--managed",
+                   "--autostart", "--namespace", "m2")
+    try:
+        observer = ros.node("observer")
+        names = {ns: [f"/{ns}/{node}" for node in perception.NODES] for ns in ("m1", "m2")}
+        assert wait_for_nodes(ros, observer, names["m1"] + names["m2"], 60), (waiting.poll(), started.poll())
+        assert [lifecycle_state(ros, observer, n) for n in names["m1"]] == ["unconfigured"] * 2
+        assert [lifecycle_state(ros, observer, n) for n in names["m2"]] == ["active"] * 2
+        for transition in ("configure", "activate"):
+            assert all(change_state(ros, observer, n, transition) for n in names["m1"])
+        assert [lifecycle_state(ros, observer, n) for n in names["m1"]] == ["active"] * 2
+    finally:
+        results = [_stop(waiting), _stop(started)]
+    assert [code for code, _ in results] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+
+
 @pytest.fixture(scope="module")
 def sevenscenes_bag(tmp_path_factory):
     from data_helpers import SEVENSCENES_DIR
