@@ -159,7 +159,7 @@ class PerceptionNode(LifecycleNode):
                 raise NodeStartError(f"{self.get_name()} could not {name}: {self.start_error or 'see the log'}")
 
     def destroy_node(self) -> None:
-        self._deactivate()
+        self._deactivate(wait=False)  # the worker stops within 2 s (after its current frame) in _cleanup
         self._cleanup()
         super().destroy_node()
 
@@ -216,7 +216,7 @@ class PerceptionNode(LifecycleNode):
         self.get_logger().error(f"{transition} failed: {reason}")
         return TransitionCallbackReturn.FAILURE
 
-    def _deactivate(self) -> None:
+    def _deactivate(self, wait: bool = True) -> None:
         was_active, self.active = self.active, False
         if self._recheck_timer is not None:
             self.destroy_timer(self._recheck_timer)
@@ -224,7 +224,9 @@ class PerceptionNode(LifecycleNode):
         for subscription in self.inputs.values():
             subscription.close()
         if was_active:
-            self.worker.wait_idle(DEACTIVATE_TIMEOUT)  # a frame in flight finds the node inactive and is dropped
+            self.sync.clear()  # halves of a set left unpaired never pair with a later activation's
+            if wait:  # a frame in flight finishes; one still waiting finds the node inactive and is dropped
+                self.worker.wait_idle(DEACTIVATE_TIMEOUT)
             self.lifecycle_state = "inactive"
 
     def _cleanup(self) -> None:
