@@ -26,5 +26,5 @@ demo: env
 	$(VENV)/bin/vlm3-ros demo
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build dist *.egg-info training/*.egg-info
+	rm -rf $(VENV) .ros2 .pytest_cache .hypothesis build dist *.egg-info training/*.egg-info
 	find . -path ./.git -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +

@@ -46,8 +46,20 @@ STATE_DIR = VENV / ".vlm3-setup"
 STAMP_FILE = STATE_DIR / "stamp.json"
 LOG_DIR = STATE_DIR / "logs"
 TF2_MSGS_SOURCE = REPO / "scripts" / "ros_interfaces" / "tf2_msgs"
+#: -DCMAKE_PROJECT_INCLUDE for interface packages built against the PyPI rosidl wheels (include paths)
+REPOINT_CMAKE = REPO / "scripts" / "ros_interfaces" / "repoint_python_includes.cmake"
 TRAINING_DIR = REPO / "training"
 
+# The ROS 2 launch toolchain (step "launch"): colcon in a venv of its own and an underlay of the
+# ROS packages `ros2 launch` / `ros2 run` need that PyPI does not have, built from the unmodified
+# upstream sources in ../shared/vendor (or $VLM3_SHARED_VENDOR). Everything lives under .ros2/
+# (git-ignored); .ros2/toolchain.json tells the tests where it is, or why there is none.
+VENDOR_ENV = "VLM3_SHARED_VENDOR"
+LAUNCH_SOURCES = "ros2-launch-src.tar.gz"
+TOOLCHAIN_DIR = REPO / ".ros2"
+TOOLCHAIN_FILE = TOOLCHAIN_DIR / "toolchain.json"
+COLCON_VENV = TOOLCHAIN_DIR / "colcon"
+UNDERLAY = TOOLCHAIN_DIR / "underlay"
 MIN_PYTHON = (3, 10)
 MAX_PYTHON_EXCLUSIVE = (3, 13)
 
@@ -67,6 +79,12 @@ ROS_WHEELS = [
     "ros-visualization-msgs",
     "ros-diagnostic-msgs",
     "ros-rosgraph-msgs",
+    # parameter descriptors, the package index, managed (lifecycle) nodes, the odometry reset service
+    "ros-rcl-interfaces",
+    "ros-ament-index-python",
+    "ros-lifecycle-msgs",
+    "ros-rcl-lifecycle",
+    "ros-std-srvs",
 ]
 
 # Wheels that generate and build the tf2_msgs interface package with CMake.
@@ -80,7 +98,24 @@ ROSIDL_BUILD_WHEELS = [
     "ros-python-cmake-module",
     "catkin-pkg",
 ]
-MIN_CMAKE = (3, 16)
+# colcon, in its own venv: colcon-core 0.21 runs `setup.py develop --editable`, gone in setuptools 80.
+COLCON_REQUIREMENTS = [
+    "setuptools<80",
+    "colcon-core>=0.21",
+    "colcon-ros",
+    "colcon-cmake",
+    "colcon-python-setup-py",
+    "colcon-package-selection",
+    "colcon-parallel-executor",
+    "colcon-output",
+    "colcon-recursive-crawl",
+    "colcon-library-path",
+    "colcon-bash",
+]
+# Imported by launch, launch_ros and ros2cli at run time (their package.xml exec_depends), installed
+# into .venv, whose interpreter runs the built scripts.
+LAUNCH_RUNTIME = ["osrf-pycommon", "psutil", "argcomplete", "catkin-pkg", "packaging", "pyyaml"]
+MIN_CMAKE = (3, 19)  # cmake_language(DEFER) in REPOINT_CMAKE
 
 # Installed together with the project (``pip install -e .[model,test]``).
 PROJECT_EXTRAS = "model,test"
@@ -101,6 +136,11 @@ ROS_MESSAGE_MODULES = [
     "visualization_msgs.msg",
     "diagnostic_msgs.msg",
     "rosgraph_msgs.msg",
+    "rcl_interfaces.msg",
+    "lifecycle_msgs.srv",
+    "std_srvs.srv",
+    "ament_index_python.packages",
+    "rclpy.lifecycle",
 ]
 
 # Imported in the venv by the final verification (and by --check).
@@ -493,7 +533,7 @@ def step_ros(ctx: Context) -> None:
 
 
 def _tf2_inputs(ctx: Context) -> str:
-    files = sorted(p for p in TF2_MSGS_SOURCE.rglob("*") if p.is_file())
+    files = sorted(p for p in TF2_MSGS_SOURCE.rglob("*") if p.is_file()) + [REPOINT_CMAKE]
     return json.dumps([ctx.machine.system_ros, ROSIDL_BUILD_WHEELS, list(MIN_CMAKE), file_digest(files)])
 
 
@@ -506,6 +546,12 @@ def _cmake_ok(cmake: Optional[str]) -> bool:
         return False
     match = re.search(r"version (\d+\.\d+(\.\d+)?)", output)
     return bool(match) and version_tuple(match.group(1)) >= MIN_CMAKE
+
+
+def interface_cmake_args() -> List[str]:
+    """CMake arguments of an interface package built against the rosidl wheels in the venv."""
+    return [f"-DCMAKE_PROJECT_INCLUDE={REPOINT_CMAKE}", f"-DPython3_EXECUTABLE={venv_python()}",
+            "-DPython3_FIND_VIRTUALENV=FIRST", "-DBUILD_TESTING=OFF", "-DCMAKE_BUILD_TYPE=Release"]
 
 
 def step_tf2_msgs(ctx: Context) -> None:
@@ -549,9 +595,7 @@ def step_tf2_msgs(ctx: Context) -> None:
         env.pop(name, None)
     jobs = str(max(1, min(4, os.cpu_count() or 1)))
     run([cmake, "-S", TF2_MSGS_SOURCE, "-B", build,
-         f"-DCMAKE_INSTALL_PREFIX={VENV}", f"-DCMAKE_PREFIX_PATH={VENV}",
-         f"-DPython3_EXECUTABLE={venv_python()}", "-DPython3_FIND_VIRTUALENV=FIRST",
-         "-DBUILD_TESTING=OFF", "-DCMAKE_BUILD_TYPE=Release"],
+         f"-DCMAKE_INSTALL_PREFIX={VENV}", f"-DCMAKE_PREFIX_PATH={VENV}", *interface_cmake_args()],
         "tf2_msgs", env=env, log_name="tf2_msgs-configure")
     run([cmake, "--build", build, "--parallel", jobs], "tf2_msgs", env=env, log_name="tf2_msgs-build")
     run([cmake, "--install", build], "tf2_msgs", env=env, log_name="tf2_msgs-install")
@@ -622,6 +666,111 @@ def step_training(ctx: Context) -> None:
     ctx.pip(["install", "-c", constraints, "-e", "./training"], "training")
 
 
+def vendor_sources() -> Path:
+    """The vendored upstream sources of the launch toolchain (may be absent)."""
+    root = os.environ.get(VENDOR_ENV)
+    return (Path(root) if root else REPO.parent / "shared" / "vendor") / LAUNCH_SOURCES
+
+
+def _launch_inputs(ctx: Context) -> str:
+    sources = vendor_sources()
+    digest = hashlib.sha256(sources.read_bytes()).hexdigest() if sources.is_file() else "<absent>"
+    return json.dumps([ctx.machine.system_ros, str(sources), digest, COLCON_REQUIREMENTS, LAUNCH_RUNTIME,
+                       file_digest([REPOINT_CMAKE])])
+
+
+# Runs in the venv: the toolchain file names a working underlay (or says why there is none).
+LAUNCH_CHECK = """
+import json, os, sys
+toolchain = json.load(open({path!r}))
+if toolchain.get("colcon"):
+    assert os.access(toolchain["colcon"], os.X_OK), toolchain["colcon"] + " is not executable"
+if toolchain.get("underlay"):
+    sys.path.insert(0, toolchain["underlay_site"])
+    os.environ["AMENT_PREFIX_PATH"] = toolchain["underlay"]
+    import composition_interfaces.srv, launch_ros.actions, ros2launch.api
+    from launch.frontend.parse_substitution import parse_substitution
+    assert parse_substitution("$(env HOME)"), "launch cannot parse substitutions (lark)"
+"""
+
+
+def _launch_checks(ctx: Context) -> List[Tuple[str, str]]:
+    return [("exec", LAUNCH_CHECK.format(path=str(TOOLCHAIN_FILE)))]
+
+
+def _write_toolchain(data: Dict[str, object]) -> None:
+    TOOLCHAIN_DIR.mkdir(parents=True, exist_ok=True)
+    temporary = TOOLCHAIN_FILE.with_suffix(".tmp")
+    temporary.write_text(json.dumps(data, indent=1, sort_keys=True))
+    temporary.replace(TOOLCHAIN_FILE)
+
+
+def launch_build_env(extra_config: Path) -> Dict[str, str]:
+    """Environment of a colcon build against the venv: its tools first, no other ROS prefixes, and
+    the scripts it installs started by the venv interpreter (``build_scripts.executable``)."""
+    env = child_env()
+    for name in ("AMENT_PREFIX_PATH", "CMAKE_PREFIX_PATH", "COLCON_PREFIX_PATH", "PYTHONPATH"):
+        env.pop(name, None)
+    env["CMAKE_PREFIX_PATH"] = env["AMENT_PREFIX_PATH"] = str(VENV)  # rosidl finds its type supports by the index
+    env["DIST_EXTRA_CONFIG"] = str(extra_config)
+    return env
+
+
+def step_launch(ctx: Context) -> None:
+    """Build the ros2 launch toolchain: colcon (own venv) and the underlay from ../shared/vendor."""
+    m = ctx.machine
+    sources = vendor_sources()
+    if m.system_ros:
+        colcon, ros2 = shutil.which("colcon"), shutil.which("ros2")
+        if colcon and ros2:
+            say(f"  using colcon and ros2 of the sourced ROS 2 {m.ros_distro} installation")
+            _write_toolchain({"colcon": colcon, "underlay": None, "python": str(venv_python()),
+                              "distutils_cfg": None})
+        else:
+            _write_toolchain({"reason": f"the sourced ROS 2 {m.ros_distro} installation has no "
+                                        f"{'colcon' if not colcon else 'ros2'} on PATH"})
+            say("  no colcon/ros2 in the sourced ROS 2 installation; launch tests will skip")
+        return
+    if not sources.is_file():
+        if TOOLCHAIN_DIR.exists():
+            shutil.rmtree(TOOLCHAIN_DIR)
+        _write_toolchain({"reason": f"{sources} is absent (set {VENDOR_ENV} to its folder)"})
+        say(f"  {sources} is absent: no launch toolchain; the launch tests will skip")
+        return
+    ctx.pip(["install", *LAUNCH_RUNTIME], "launch", log_name="launch-runtime-pip")
+    if run_checks({"lark": [("import", "lark")]}).get("lark"):
+        ctx.pip(["install", "lark"], "launch", log_name="launch-lark-pip")  # launch's substitution grammar
+    if TOOLCHAIN_DIR.exists():
+        shutil.rmtree(TOOLCHAIN_DIR)
+    TOOLCHAIN_DIR.mkdir(parents=True)
+    run([m.python, "-m", "venv", COLCON_VENV], "launch", log_name="launch-colcon-venv")
+    colcon_python = COLCON_VENV / "bin" / "python"
+    run([colcon_python, "-m", "pip", "--disable-pip-version-check", "install", *COLCON_REQUIREMENTS], "launch",
+        log_name="launch-colcon-pip")
+    source = UNDERLAY / "src"
+    source.mkdir(parents=True)
+    import tarfile
+
+    with tarfile.open(sources) as archive:
+        members = [member for member in archive.getmembers() if member.isfile() or member.isdir()]
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        archive.extractall(source, members=members, **safe)
+    extra_config = TOOLCHAIN_DIR / "distutils.cfg"
+    extra_config.write_text(f"[build_scripts]\nexecutable = {venv_python()}\n")
+    jobs = str(max(1, min(4, os.cpu_count() or 1)))
+    run([COLCON_VENV / "bin" / "colcon", "--log-base", UNDERLAY / "log", "build", "--merge-install",
+         "--base-paths", source, "--build-base", UNDERLAY / "build", "--install-base", UNDERLAY / "install",
+         "--parallel-workers", jobs, "--event-handlers", "console_direct-", "console_cohesion-",
+         "--cmake-args", *interface_cmake_args()], "launch", env=launch_build_env(extra_config),
+        log_name="launch-underlay")
+    shutil.rmtree(UNDERLAY / "build", ignore_errors=True)
+    shutil.rmtree(source, ignore_errors=True)
+    python_dir = f"python{'.'.join(m.python_version.split('.')[:2])}"
+    _write_toolchain({"colcon": str(COLCON_VENV / "bin" / "colcon"), "underlay": str(UNDERLAY / "install"),
+                      "underlay_site": str(UNDERLAY / "install" / "lib" / python_dir / "site-packages"),
+                      "python": str(venv_python()), "distutils_cfg": str(extra_config), "sources": str(sources)})
+
+
 def _no_checks(ctx: Context) -> List[Tuple[str, str]]:
     return []
 
@@ -635,6 +784,7 @@ STEPS = [
          lambda ctx: [("import", "tf2_msgs.msg"), ("exec", TF2_ROUND_TRIP)]),
     Step("project", step_project, _project_inputs, _project_checks),
     Step("training", step_training, _training_inputs, _training_checks),
+    Step("launch", step_launch, _launch_inputs, _launch_checks),
 ]
 
 

@@ -8,3 +8,4 @@ context, executor and node factory that are shut down after the test).
 from ros_helpers import ros, ros_domain_id  # noqa: F401  (fixtures registered by import)
 from model_helpers import tiny_backend, tiny_checkpoint  # noqa: F401,E402  (fixtures registered by import)
 from data_helpers import sevenscenes  # noqa: F401,E402  (fixtures registered by import)
+from colcon_helpers import colcon_install, colcon_symlink_install, colcon_toolchain  # noqa: F401,E402  (fixtures)

@@ -193,3 +193,28 @@ def test_lost_frames_hold_the_pose_and_time_jumps_restart(ros, perception_nodes)
     restarted = send(0.2, poses[2], 5)
     np.testing.assert_allclose(cv.pose_matrix(restarted.pose.pose), np.eye(4), atol=1e-12)
     assert node.time_jumps == 1 and node.last_update.status == "initialised"
+
+
+def test_reset_service_restarts_the_trajectory_at_identity(ros, perception_nodes):
+    from std_srvs.srv import Trigger
+
+    from ros_client_helpers import call
+
+    node, client, cam, out = _start(ros, perception_nodes, mode="pose")
+    intr = Intrinsics.from_focal(160, 120, 150.0)
+    depth = np.full((120, 160), 2.0)
+
+    def send(t, x):
+        cam.publish(FramePublisher.messages(t, textured(160, 120, seed=int(10 * t)), intr, depth=depth,
+                                            pose=xyz_rotation_to_pose([x, 0.0, 0.0], [0.0, 0.0, 0.0])))
+        assert ros.spin_until(lambda: out["odom"].with_stamp(t), 15)
+        return cv.pose_matrix(out["odom"].with_stamp(t)[0].pose.pose)[:3, 3]
+
+    send(1.0, 0.0)
+    # Optical x is base_link's -y with the default extrinsic.
+    np.testing.assert_allclose(send(1.1, 0.05), [0.0, -0.05, 0.0], atol=0.006)
+    response = call(ros, client, Trigger, f"{node.get_fully_qualified_name()}/reset", Trigger.Request())
+    assert response.success and "identity" in response.message
+    np.testing.assert_allclose(send(1.2, 0.10), [0.0, 0.0, 0.0], atol=1e-12)  # restarted here
+    np.testing.assert_allclose(send(1.3, 0.13), [0.0, -0.03, 0.0], atol=0.006)  # measured from the restart
+    assert node.last_update.status != "lost"

@@ -61,6 +61,10 @@ def _calls(tree: ast.AST, name: str) -> list:
 
 
 def test_launch_file_agrees_with_the_perception_command():
+    """The launch file and `vlm3-ros perception` name the same nodes, parameter file, topics and options.
+
+    (What the launch file does when run is tested under `ros2 launch` in test_ros_launch.py.)
+    """
     constants, tree = _module_constants(LAUNCH)
     assert constants["PACKAGE"] == "vlm3_ros"
     # Same nodes: executables are setup.py console scripts whose modules hold the classes the command runs.
@@ -82,28 +86,18 @@ def test_launch_file_agrees_with_the_perception_command():
     # Same parameter file, installed by setup.py into the package share.
     assert constants["PARAMS_FILE"] == perception.PARAMS_FILE == "config/perception.yaml"
     assert 'glob("config/*.yaml")' in (REPO / "setup.py").read_text() and PARAMS.is_file()
-    # Same remappable topics with the same defaults.
+    # Same remappable topics with the same defaults, relative so that they move with the namespace.
     assert constants["TOPICS"] == {name: default for name, (_, default) in perception.TOPICS.items()}
     assert all(topic == name for name, (topic, _) in perception.TOPICS.items())
+    assert not any(default.startswith("/") for default in constants["TOPICS"].values())
     # The launch arguments a user needs, each with a command option.
     declared = {"params_file"} | set(constants["TOPICS"]) | set(constants["ARGUMENTS"])
-    assert {"params_file", "model", "image", "camera_info", "namespace", "use_sim_time"} <= declared
+    assert {"params_file", "model", "image", "camera_info", "namespace", "use_sim_time", "managed",
+            "autostart", "rviz"} <= declared
     parser = __import__("argparse").ArgumentParser()
     perception.add_arguments(parser)
     options = {a.dest for a in parser._actions}
-    assert declared - {"params_file"} <= options and "params_file" in options
-    # DeclareLaunchArgument is called for params_file and over TOPICS and ARGUMENTS; Node uses them.
-    declare_calls = _calls(tree, "DeclareLaunchArgument")
-    literal_names = {c.args[0].value for c in declare_calls if c.args and isinstance(c.args[0], ast.Constant)}
-    assert literal_names == {"params_file"}
-    iterated = {ast.unparse(gen.iter) for comp in ast.walk(tree) if isinstance(comp, ast.ListComp)
-                for gen in comp.generators}
-    assert {"TOPICS.items()", "ARGUMENTS.items()", "NODES"} <= iterated
-    (node_call,) = _calls(tree, "Node")
-    keywords = {kw.arg: ast.unparse(kw.value) for kw in node_call.keywords}
-    assert keywords["package"] == "PACKAGE" and keywords["executable"] == "executable"
-    assert keywords["parameters"] == "[params_file, overrides]" and keywords["remappings"] == "remappings"
-    assert keywords["namespace"] == "namespace"
+    assert declared - {"params_file", "rviz"} <= options and "params_file" in options
 
 
 def test_command_arguments_match_the_launch_file():
@@ -115,7 +109,8 @@ def test_command_arguments_match_the_launch_file():
     assert ros_args[:4] == ["vlm3-ros", "--ros-args", "--params-file", "p.yaml"]
     pairs = list(zip(ros_args[4::2], ros_args[5::2]))
     assert ("-p", "model:=/m") in pairs and ("-p", "use_sim_time:=true") in pairs
-    assert ("-r", "image:=/cam/rgb") in pairs and ("-r", "camera_info:=/camera/camera_info") in pairs
+    assert ("-r", "image:=/cam/rgb") in pairs and ("-r", "camera_info:=camera/camera_info") in pairs
+    assert ("-p", "managed:=false") in pairs
     assert ("-r", "__ns:=/r1") in pairs and ros_args[-2:] == ["-p", "query_count:=9"]
 
 
@@ -216,7 +211,8 @@ def test_perception_command_runs_both_nodes_in_a_separate_process(ros, ros_domai
                 "--namespace", "robot", "--ros-args", "-p", "query_count:=16", "-p", "mode:=correspondence")
     try:
         client = ros.node("camera")
-        pub = FramePublisher(client, {name: default for name, (_, default) in perception.TOPICS.items()})
+        # The default topics are relative: they move into the namespace with the nodes.
+        pub = FramePublisher(client, {name: f"/robot/{default}" for name, (_, default) in perception.TOPICS.items()})
         out = _outputs(client, "robot")
         assert ros.spin_until(lambda: pub.image.get_subscription_count() == 2 and pub.pose.get_subscription_count() == 1
                               and pub.depth.get_subscription_count() == 2, 30), proc.poll()
@@ -238,6 +234,27 @@ def test_perception_command_runs_both_nodes_in_a_separate_process(ros, ros_domai
     finally:
         code, text = _stop(proc)
     assert code == 0, text[-3000:]
+
+
+def test_perception_command_managed_and_autostart(ros, ros_domain_id):
+    from ros_client_helpers import change_state, lifecycle_state, wait_for_nodes
+
+    waiting = _cli(ros_domain_id, "perception", "--params-file", str(PARAMS), "--backend", "oracle", "--managed",
+                   "--namespace", "m1")
+    started = _cli(ros_domain_id, "perception", "--params-file", str(PARAMS), "--backend", "oracle", "--managed",
+                   "--autostart", "--namespace", "m2")
+    try:
+        observer = ros.node("observer")
+        names = {ns: [f"/{ns}/{node}" for node in perception.NODES] for ns in ("m1", "m2")}
+        assert wait_for_nodes(ros, observer, names["m1"] + names["m2"], 60), (waiting.poll(), started.poll())
+        assert [lifecycle_state(ros, observer, n) for n in names["m1"]] == ["unconfigured"] * 2
+        assert [lifecycle_state(ros, observer, n) for n in names["m2"]] == ["active"] * 2
+        for transition in ("configure", "activate"):
+            assert all(change_state(ros, observer, n, transition) for n in names["m1"])
+        assert [lifecycle_state(ros, observer, n) for n in names["m1"]] == ["active"] * 2
+    finally:
+        results = [_stop(waiting), _stop(started)]
+    assert [code for code, _ in results] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
 
 
 @pytest.fixture(scope="module")

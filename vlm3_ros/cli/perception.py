@@ -8,7 +8,9 @@ The same nodes, parameter file and topic arguments as ``launch/perception.launch
 Both nodes share one loaded checkpoint where their model parameters name the same one. Topic
 options become remappings (``--image X`` is ``-r image:=X`` for both nodes); anything after
 ``--ros-args`` is passed to ROS unchanged (``-p name:=value``, ``-r from:=to``,
-``--params-file``...).
+``--params-file``...). ``--managed`` starts them as lifecycle nodes waiting for a manager;
+``--autostart`` then configures and activates them (the launch file's ``managed`` and
+``autostart`` arguments).
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ NODES: Dict[str, tuple] = {
     "odometry_node": ("odometry_node", "vlm3_ros.ros.odometry_node:OdometryNode"),
 }
 
-#: launch argument / option -> (node-relative topic it remaps, default target)
+#: launch argument / option -> (node-relative topic it remaps, default target; relative targets
+#: resolve in the namespace)
 TOPICS: Dict[str, tuple] = {
-    "image": ("image", "/camera/image_raw"),
-    "camera_info": ("camera_info", "/camera/camera_info"),
-    "reference_depth": ("reference_depth", "/camera/depth/image_raw"),
-    "reference_pose": ("reference_pose", "/ground_truth/pose"),
+    "image": ("image", "camera/image_raw"),
+    "camera_info": ("camera_info", "camera/camera_info"),
+    "reference_depth": ("reference_depth", "camera/depth/image_raw"),
+    "reference_pose": ("reference_pose", "ground_truth/pose"),
 }
 
 #: the parameter file the launch file uses by default (share/vlm3_ros/config/perception.yaml)
@@ -66,6 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             help=f"topic remapped to the nodes' {name} (default {default})")
     parser.add_argument("--namespace", default="", help="namespace of both nodes")
     parser.add_argument("--use-sim-time", action="store_true", help="use /clock (bag playback)")
+    parser.add_argument("--managed", action="store_true",
+                        help="run managed lifecycle nodes: they wait, unconfigured, for a lifecycle manager")
+    parser.add_argument("--autostart", action="store_true",
+                        help="with --managed: configure and activate the nodes through their lifecycle")
     parser.add_argument("--nodes", default="depth_node,odometry_node",
                         help="comma-separated nodes to run (default: both)")
     parser.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
@@ -84,6 +91,7 @@ def ros_arguments(args: argparse.Namespace) -> List[str]:
     if args.backend:
         out += ["-p", f"backend:={args.backend}"]
     out += ["-p", f"use_sim_time:={'true' if args.use_sim_time else 'false'}"]
+    out += ["-p", f"managed:={'true' if args.managed else 'false'}"]
     for name, (topic, _) in TOPICS.items():
         out += ["-r", f"{topic}:={getattr(args, name)}"]
     if args.namespace:
@@ -108,4 +116,4 @@ def run(args: argparse.Namespace) -> int:
     for name in names:
         module_name, class_name = NODES[name][1].split(":")
         factories.append(getattr(importlib.import_module(module_name), class_name))
-    return run_nodes(factories, args=ros_arguments(args), duration=args.duration)
+    return run_nodes(factories, args=ros_arguments(args), duration=args.duration, autostart=args.autostart)

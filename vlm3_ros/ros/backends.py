@@ -3,19 +3,23 @@
 Nodes running in one process (``vlm3-ros perception``) ask :func:`shared_backend` for a backend
 by its settings; a checkpoint that serves several tasks (depth, correspondence and pose) is
 loaded once and the same instance is handed to every node and task. Calls are serialised by a
-lock per backend: one model answers one request at a time, whichever node asks.
+lock per backend: one model answers one request at a time, whichever node asks. Each
+:func:`shared_backend` call takes a reference that :func:`release` gives back (a node's lifecycle
+cleanup); the last one closes the backend and drops it, so the model is freed.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 from ..engine import Backend, EngineError, Request, Response, load_backend
 
-__all__ = ["BackendSettings", "SharedBackend", "clear_cache", "register", "settings_from_params", "shared_backend"]
+__all__ = ["BackendSettings", "SharedBackend", "clear_cache", "register", "release", "settings_from_params",
+           "shared_backend"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,8 @@ class SharedBackend(Backend):
 
 
 _CACHE: Dict[Tuple[Any, ...], SharedBackend] = {}
+#: references taken by shared_backend (and register) and not yet released, per cache key
+_REFS: Dict[Tuple[Any, ...], int] = {}
 _CACHE_LOCK = threading.Lock()
 _LOADING: Dict[Tuple[Any, ...], threading.Lock] = {}
 
@@ -95,11 +101,13 @@ def shared_backend(settings: BackendSettings) -> SharedBackend:
     key = settings.key()
     with _CACHE_LOCK:
         if key in _CACHE:
+            _REFS[key] += 1
             return _CACHE[key]
         loading = _LOADING.setdefault(key, threading.Lock())
     with loading:  # two nodes asking for the same checkpoint at once load it once
         with _CACHE_LOCK:
             if key in _CACHE:
+                _REFS[key] += 1
                 return _CACHE[key]
         if settings.backend == "oracle":
             inner = load_backend("oracle")
@@ -110,15 +118,38 @@ def shared_backend(settings: BackendSettings) -> SharedBackend:
         shared = SharedBackend(inner)
         with _CACHE_LOCK:
             _CACHE[key] = shared
+            _REFS[key] = 1
         return shared
 
 
 def register(settings: BackendSettings, backend: Backend) -> SharedBackend:
-    """Make ``backend`` the process-wide backend for ``settings`` (an already loaded model)."""
+    """Make ``backend`` the process-wide backend for ``settings`` (an already loaded model).
+
+    The registration holds a reference of its own: nodes releasing theirs never close it.
+    """
     shared = backend if isinstance(backend, SharedBackend) else SharedBackend(backend)
     with _CACHE_LOCK:
         _CACHE[settings.key()] = shared
+        _REFS[settings.key()] = 1
     return shared
+
+
+def release(backend: Backend) -> bool:
+    """Give back a reference taken by :func:`shared_backend`; True when it was the last one and the
+    backend was closed and dropped (its model is freed once nothing else holds it)."""
+    with _CACHE_LOCK:
+        key = next((k for k, v in _CACHE.items() if v is backend), None)
+        if key is None:
+            return False
+        _REFS[key] -= 1
+        if _REFS[key] > 0:
+            return False
+        del _CACHE[key], _REFS[key]
+    backend.close()
+    torch = sys.modules.get("torch")  # give cached GPU memory back to the device
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return True
 
 
 def clear_cache() -> None:
@@ -126,6 +157,7 @@ def clear_cache() -> None:
     with _CACHE_LOCK:
         items = list(_CACHE.values())
         _CACHE.clear()
+        _REFS.clear()
     for backend in items:
         try:
             backend.close()

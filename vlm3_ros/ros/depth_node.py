@@ -78,6 +78,12 @@ class DepthNode(PerceptionNode):
         self.backend.spec("depth")  # fails early, naming the tasks served, if the model has no depth task
         self.get_logger().info(f"depth backend ready: {self.backend.describe()}")
 
+    def teardown(self) -> None:
+        if self.backend is not None and self.backend is not self._given_backend:
+            backend_cache.release(self.backend)
+        self.backend = None
+        self._estimator = self._estimator_key = None
+
     def _depth_estimator(self, values: Dict[str, Any]) -> DepthEstimator:
         key = (values["depth_kind"], values["max_new_tokens"])
         if self._estimator is None or key != self._estimator_key:

@@ -1,12 +1,29 @@
 """What the depth and odometry nodes share.
 
-:class:`PerceptionNode` declares and guards the parameters, subscribes the image (or compressed
-image) and camera_info with the input QoS, pairs messages by stamp (plus the reference streams a
-node asks for), hands each complete set to a :class:`~vlm3_ros.ros.worker.LatestWorker` (one
-pending set, newest wins) and publishes /diagnostics. A subclass implements ``setup()`` (load
-backends, on the worker thread) and ``process(messages) -> bool`` (convert, call the core,
-publish); ``process`` raises :class:`~vlm3_ros.ros.conversions.FrameRejected` for a frame it
-cannot serve, which is counted and warned about (throttled per kind) while the node goes on.
+:class:`PerceptionNode` is an rclpy lifecycle node. It declares and guards the parameters,
+subscribes the image (or compressed image) and camera_info with the input QoS, pairs messages by
+stamp (plus the reference streams a node asks for), hands each complete set to a
+:class:`~vlm3_ros.ros.worker.LatestWorker` (one pending set, newest wins) and publishes
+/diagnostics. A subclass implements ``setup()`` (load backends, on the worker thread),
+``teardown()`` (free them) and ``process(messages) -> bool`` (convert, call the core, publish);
+``process`` raises :class:`~vlm3_ros.ros.conversions.FrameRejected` for a frame it cannot serve,
+which is counted and warned about (throttled per kind) while the node goes on.
+
+Lifecycle (REP-2002, as Nav2 bring-up drives it):
+
+* configure: validates the parameters and loads the model (``setup()``); a failure leaves the
+  node unconfigured and names the reason;
+* activate: opens the input subscriptions; frames are served and published;
+* deactivate: closes them and waits for a frame in flight, so nothing is published while
+  inactive; the model stays loaded;
+* cleanup: stops the worker and frees the model (``teardown()``); shutdown does what is left of
+  deactivate and cleanup.
+
+With ``managed: false`` (the default) a node runs these transitions itself when it is created
+(:meth:`start`) and raises :class:`NodeStartError` if it cannot start; with ``managed: true`` it
+waits, unconfigured, for a lifecycle manager (the launch file's ``autostart``, Nav2's
+lifecycle_manager, ``ros2 lifecycle set``). Both modes are the same node: the lifecycle services
+exist either way, and diagnostics report the state.
 """
 
 from __future__ import annotations
@@ -15,33 +32,48 @@ import time
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from diagnostic_msgs.msg import DiagnosticArray
-from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.clock import Clock, ClockType
-from rclpy.node import Node
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
 from ..camera import Intrinsics
 from .conversions import FrameRejected, check_image_size, image_rgb, intrinsics_for, stamp_ns
 from .diagnostics import NodeStats, Throttle
 from .params import Param, ParameterGuard, declare
-from .qos import SMALL_MESSAGE_DEPTH, stream_qos
+from .qos import SMALL_MESSAGE_DEPTH, InputSubscription, stream_qos
 from .sync import StampSync
 from .worker import LatestWorker
 
-__all__ = ["PerceptionNode"]
+__all__ = ["NodeStartError", "PerceptionNode"]
+
+#: Seconds between looks at the graph while a best_available input waits for its first publisher (Humble).
+INPUT_RECHECK_PERIOD = 0.5
+#: Longest wait of deactivate for a frame in flight (s).
+DEACTIVATE_TIMEOUT = 60.0
 
 
-class PerceptionNode(Node):
+class NodeStartError(RuntimeError):
+    """An unmanaged node could not configure or activate itself (the message says why)."""
+
+
+class PerceptionNode(LifecycleNode):
     """Base class of the perception nodes (see the module docstring)."""
 
     #: the streams every node pairs; subclasses add reference streams in ``extra_streams``
     BASE_STREAMS: Tuple[str, ...] = ("image", "camera_info")
+    # Defaults that let destroy_node run on a node whose constructor failed (rclpy destroys it then).
+    active = False
+    _loaded = False
+    _recheck_timer: Any = None
+    inputs: Dict[str, InputSubscription] = {}
 
     def __init__(self, node_name: str, table: Sequence[Param], **node_kwargs: Any) -> None:
         super().__init__(node_name, **node_kwargs)
         values = declare(self, table)
+        # Cross-parameter rules are checked by configure (a managed node reports them there).
         self.params = ParameterGuard(self, table, values, validate=self.validate_params,
-                                     on_change=self._params_changed)
+                                     on_change=self._params_changed, check_now=False)
         self.throttle = Throttle(values["warn_throttle"])
         self.streams = self.BASE_STREAMS + tuple(self.extra_streams(values))
         self.sync = StampSync(self.streams, tolerance_ns=int(round(values["sync_tolerance"] * 1e9)),
@@ -53,21 +85,27 @@ class PerceptionNode(Node):
         self._newest_ns: Optional[int] = None
         self.time_jumps = 0
         self._jump_pending = False
+        self.lifecycle_state = "unconfigured"
+        self.start_error = ""
         # Input callbacks only pair messages (thread-safe); in a reentrant group a multi-threaded
         # executor runs them side by side, so a busy image callback never starves camera_info.
         self.input_group = ReentrantCallbackGroup()
+        #: stream -> its subscription, opened by activate and closed by deactivate
+        self.inputs: Dict[str, InputSubscription] = {}
         if values["compressed_input"]:
-            self.subscribe_stream(CompressedImage, "image/compressed", "image")
+            # image_transport naming: the compressed stream of the (remapped) image topic.
+            self.subscribe_stream(CompressedImage, self.resolve_topic_name("image") + "/compressed", "image")
         else:
             self.subscribe_stream(Image, "image", "image")
         self.subscribe_stream(CameraInfo, "camera_info", "camera_info", small=True)
-        self.worker = LatestWorker(self._run_frame, name=f"{node_name}_worker", on_error=self._on_worker_error,
-                                   setup=self.setup)
+        self.worker = self._new_worker()
         self._diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         # Diagnostics run on the steady clock: they report while a bag is paused or over, even with
-        # use_sim_time (their header stamp is still the node's clock).
-        self.create_timer(values["diagnostics_period"], self.publish_diagnostics,
-                          clock=Clock(clock_type=ClockType.STEADY_TIME))
+        # use_sim_time (their header stamp is still the node's clock). Their own callback group lets
+        # a multi-threaded executor report while a transition (a model loading) is in progress.
+        self._steady = Clock(clock_type=ClockType.STEADY_TIME)
+        self.create_timer(values["diagnostics_period"], self.publish_diagnostics, clock=self._steady,
+                          callback_group=MutuallyExclusiveCallbackGroup())
 
     # -- hooks for subclasses ------------------------------------------------------------------
 
@@ -85,7 +123,10 @@ class PerceptionNode(Node):
         """Called after accepted parameter changes (on the thread that set them)."""
 
     def setup(self) -> None:
-        """Load backends (runs on the worker thread before the first frame)."""
+        """Load backends (configure; runs on the worker thread before the first frame)."""
+
+    def teardown(self) -> None:
+        """Free what ``setup`` loaded (cleanup; the worker has stopped)."""
 
     def process(self, messages: Dict[str, Any]) -> bool:
         """Serve one paired set; True when outputs were published."""
@@ -104,12 +145,110 @@ class PerceptionNode(Node):
     # -- start / stop --------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the worker (call at the end of the subclass constructor)."""
-        self.worker.start()
+        """Call at the end of the subclass constructor: an unmanaged node configures and activates
+        itself (raising :class:`NodeStartError` if it cannot); a managed one waits for its manager."""
+        if self.params["managed"]:
+            self.get_logger().info("managed node: waiting (unconfigured) for the configure transition")
+        else:
+            self.bring_up()
+
+    def bring_up(self) -> None:
+        """Configure and activate (raises :class:`NodeStartError` naming the transition that failed)."""
+        for name, transition in (("configure", self.trigger_configure), ("activate", self.trigger_activate)):
+            if transition() != TransitionCallbackReturn.SUCCESS:
+                raise NodeStartError(f"{self.get_name()} could not {name}: {self.start_error or 'see the log'}")
 
     def destroy_node(self) -> None:
-        self.worker.stop(timeout=2.0)
+        self._deactivate(wait=False)  # the worker stops within 2 s (after its current frame) in _cleanup
+        self._cleanup()
         super().destroy_node()
+
+    # -- lifecycle transitions -------------------------------------------------------------------
+
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.start_error = ""
+        error = self.validate_params(self.params.snapshot())
+        if error:
+            return self._failed("configure", f"invalid parameters: {error}")
+        if self.worker.state != "created":  # configured before: a worker thread runs once
+            self.worker = self._new_worker()
+        self.worker.start()
+        while self.worker.state == "loading":  # setup() runs on the worker thread; wait for its result
+            time.sleep(0.01)
+        if self.worker.state == "failed":  # kept in that state: diagnostics report the error
+            self.teardown()
+            return self._failed("configure", f"the backend did not load: {self.worker.error or 'setup failed'}")
+        self._loaded = True
+        self.lifecycle_state = "inactive"
+        return super().on_configure(state)
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        for subscription in self.inputs.values():
+            subscription.open()
+        self.active = True
+        self.lifecycle_state = "active"
+        if any(s.matching for s in self.inputs.values()):
+            self._recheck_timer = self.create_timer(INPUT_RECHECK_PERIOD, self._recheck_inputs, clock=self._steady)
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._deactivate()
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._cleanup()
+        return super().on_cleanup(state)
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._deactivate()
+        self._cleanup()
+        self.lifecycle_state = "finalized"
+        return super().on_shutdown(state)
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._deactivate()
+        self._cleanup()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _failed(self, transition: str, reason: str) -> TransitionCallbackReturn:
+        self.start_error = reason
+        self.stats.last_problem = f"{transition} failed: {reason}"
+        self.get_logger().error(f"{transition} failed: {reason}")
+        return TransitionCallbackReturn.FAILURE
+
+    def _deactivate(self, wait: bool = True) -> None:
+        was_active, self.active = self.active, False
+        if self._recheck_timer is not None:
+            self.destroy_timer(self._recheck_timer)
+            self._recheck_timer = None
+        for subscription in self.inputs.values():
+            subscription.close()
+        if was_active:
+            self.sync.clear()  # halves of a set left unpaired never pair with a later activation's
+            if wait:  # a frame in flight finishes; one still waiting finds the node inactive and is dropped
+                self.worker.wait_idle(DEACTIVATE_TIMEOUT)
+            self.lifecycle_state = "inactive"
+
+    def _cleanup(self) -> None:
+        if self._loaded:
+            self._loaded = False
+            self.worker.stop(timeout=2.0)
+            self.teardown()
+            self.sync.clear()
+        self.lifecycle_state = "unconfigured"
+
+    def _new_worker(self) -> LatestWorker:
+        return LatestWorker(self._run_frame, name=f"{self.get_name()}_worker", on_error=self._on_worker_error,
+                            setup=self.setup)
+
+    def _recheck_inputs(self) -> None:
+        for stream, subscription in self.inputs.items():
+            if subscription.recheck():
+                self.get_logger().info(f"{stream}: {subscription.resolved_topic} has a publisher now; subscribed "
+                                       f"{subscription.policy.name.lower()} to match it")
+        if not any(s.matching for s in self.inputs.values()) and self._recheck_timer is not None:
+            self.destroy_timer(self._recheck_timer)
+            self._recheck_timer = None
 
     # -- helpers for process() -------------------------------------------------------------------
 
@@ -131,16 +270,19 @@ class PerceptionNode(Node):
     # -- plumbing --------------------------------------------------------------------------------
 
     def subscribe_stream(self, msg_type: Any, topic: str, stream: str, *, small: bool = False) -> None:
-        """Subscribe ``topic`` as the paired stream ``stream`` with the input QoS.
+        """Subscribe ``topic`` as the paired stream ``stream`` with the input QoS (opened while active).
 
         ``small`` messages (CameraInfo, poses) keep a deeper queue (:data:`~.qos.SMALL_MESSAGE_DEPTH`):
         they cost nothing to hold, and a busy process must not lose the metadata an image needs.
         """
-        qos = self.input_qos
-        if small and qos.depth < SMALL_MESSAGE_DEPTH:
-            qos = stream_qos(self.params["input_reliability"], SMALL_MESSAGE_DEPTH)
-        self.create_subscription(msg_type, topic, lambda m: self._on_message(stream, m), qos,
-                                 callback_group=self.input_group)
+        depth = self.input_qos.depth
+        if small:
+            depth = max(depth, SMALL_MESSAGE_DEPTH)
+        subscription = InputSubscription(self, msg_type, topic, lambda m: self._on_message(stream, m),
+                                         self.params["input_reliability"], depth, callback_group=self.input_group)
+        self.inputs[stream] = subscription
+        if self.active:
+            subscription.open()
 
     def _params_changed(self, names: Sequence[str]) -> None:
         values = self.params.snapshot()
@@ -173,6 +315,8 @@ class PerceptionNode(Node):
             self.worker.submit((paired, time.perf_counter()))
 
     def _run_frame(self, item: Tuple[Any, Any]) -> None:
+        if not self.active:  # paired before a deactivate: nothing is published while inactive
+            return
         messages, paired_at = item
         if self._jump_pending:
             self._jump_pending = False
@@ -198,8 +342,8 @@ class PerceptionNode(Node):
     def publish_diagnostics(self) -> None:
         status = self.stats.status(hardware_id=self.get_fully_qualified_name(), backend=self.backend_description(),
                                    worker=self.worker, sync=self.sync,
-                                   extra={"time_jumps": self.time_jumps, "parameter_rejections": self.params.rejected,
-                                          **self.diagnostic_values()})
+                                   extra={"lifecycle_state": self.lifecycle_state, "time_jumps": self.time_jumps,
+                                          "parameter_rejections": self.params.rejected, **self.diagnostic_values()})
         msg = DiagnosticArray(status=[status])
         msg.header.stamp = self.get_clock().now().to_msg()
         self._diagnostics_pub.publish(msg)

@@ -20,6 +20,8 @@ Publishes (stamp = the image's):
   frame with the matches drawn;
 * ``/diagnostics``.
 
+Service ``~/reset`` (std_srvs/Trigger): the trajectory restarts at identity from the next frame.
+
 The estimation, fusion, covariance and chaining live in :mod:`vlm3_ros.odometry`.
 """
 
@@ -35,6 +37,7 @@ from geometry_msgs.msg import Point, PoseStamped
 from nav_msgs.msg import Odometry
 from sensor_msgs.msg import Image
 from std_msgs.msg import ColorRGBA
+from std_srvs.srv import Trigger
 from visualization_msgs.msg import Marker, MarkerArray
 
 from .. import geometry
@@ -88,6 +91,7 @@ class OdometryNode(PerceptionNode):
         self._vo: Optional[VisualOdometry] = None
         self._vo_key: Any = None
         self._static_sent: Any = None
+        self._reset_requested = False
         self.last_update: Optional[OdometryUpdate] = None
         super().__init__(node_name, ODOMETRY_NODE_PARAMS, **node_kwargs)
         values = self.params.snapshot()
@@ -101,6 +105,7 @@ class OdometryNode(PerceptionNode):
         self.odom_pub = self.create_publisher(Odometry, "odom", self.output_qos)
         self.marker_pub = self.create_publisher(MarkerArray, "correspondences", self.output_qos)
         self.debug_pub = self.create_publisher(Image, "correspondences/image", self.output_qos)
+        self.create_service(Trigger, "~/reset", self._on_reset)
         self.start()
 
     # -- parameters ----------------------------------------------------------------------------
@@ -147,15 +152,28 @@ class OdometryNode(PerceptionNode):
         if task not in self._backends:
             values = self.params.snapshot()
             settings = backend_cache.settings_from_params(values, model=values[TASK_MODELS[task]] or None)
-            backend = backend_cache.shared_backend(settings)
+            backend = self._backends[task] = backend_cache.shared_backend(settings)  # released by teardown
             backend.spec(task)
-            self._backends[task] = backend
         return self._backends[task]
 
     def setup(self) -> None:
         for task in MODE_TASKS[self.params["mode"]]:
             self._backend(task)
         self.get_logger().info(f"odometry backends ready ({self.backend_description()})")
+
+    def teardown(self) -> None:
+        self._vo = self._vo_key = None
+        self.last_update = None
+        for backend in self._backends.values():
+            backend_cache.release(backend)
+        self._backends.clear()
+
+    def _on_reset(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        self._reset_requested = True  # taken by the worker thread before the next frame
+        response.success = True
+        response.message = "the trajectory restarts at identity from the next frame"
+        self.get_logger().info("reset requested: " + response.message)
+        return response
 
     def _odometry(self, config: OdometryConfig, values: Dict[str, Any]) -> VisualOdometry:
         tasks = MODE_TASKS[config.mode]
@@ -197,6 +215,9 @@ class OdometryNode(PerceptionNode):
                                     f"{reference_depth.shape[0]} but the image is {width}x{height}")
         T_base_camera = self.extrinsic.lookup(values["base_frame"], camera_frame)
         vo = self._odometry(odometry_config(values, T_base_camera), values)
+        if self._reset_requested:
+            self._reset_requested = False
+            vo.reset()
         frame = OdometryFrame(stamp_seconds(image.header.stamp), rgb, intrinsics, reference_depth, reference_pose)
         try:
             try:

@@ -26,6 +26,7 @@ __all__ = [
     "BACKEND_PARAMS",
     "DEPTH_NODE_PARAMS",
     "INPUT_PARAMS",
+    "LIFECYCLE_PARAMS",
     "ODOMETRY_NODE_PARAMS",
     "Param",
     "ParameterGuard",
@@ -155,17 +156,25 @@ BACKEND_PARAMS: Tuple[Param, ...] = (
     Param("max_new_tokens", 48, "Tokens generated per answer at most.", range=(1, 4096)),
 )
 
+#: How the node starts (see vlm3_ros.ros.node_base).
+LIFECYCLE_PARAMS: Tuple[Param, ...] = (
+    Param("managed", False, "Lifecycle: false configures and activates the node at start; true waits, "
+          "unconfigured, for a lifecycle manager (launch autostart, Nav2 lifecycle_manager).", read_only=True),
+)
+
 INPUT_PARAMS: Tuple[Param, ...] = (
     Param("input_reliability", "best_available", "Reliability of the input subscriptions: best_available "
-          "(adapts to the publisher; best_effort on rclpy before Iron), reliable, best_effort, system_default.",
+          "(adapts to the publisher; before Iron: the reliability of the topic's publishers), reliable, "
+          "best_effort, system_default.",
           read_only=True, choices=RELIABILITY_NAMES),
     Param("input_depth", 5, "Queue depth of the input subscriptions (sensor data QoS uses 5).", read_only=True,
           range=(1, 5)),
     Param("output_reliability", "reliable", "Reliability of the output publishers.", read_only=True,
           choices=RELIABILITY_NAMES),
     Param("output_depth", 5, "Queue depth of the output publishers.", read_only=True, range=(1, 100)),
-    Param("compressed_input", False, "Subscribe to sensor_msgs/CompressedImage on image/compressed instead of "
-          "sensor_msgs/Image on image.", read_only=True),
+    Param("compressed_input", False, "Subscribe to sensor_msgs/CompressedImage on <image topic>/compressed "
+          "(image_transport naming: remapping image moves it too) instead of sensor_msgs/Image on image.",
+          read_only=True),
     Param("sync_tolerance", 0.0, "Largest stamp difference (s) between messages paired into one frame "
           "(0: exact stamps).", range=(0.0, 1.0)),
     Param("sync_expiry", 1.0, "Unpaired messages older than this (s, message time) behind the newest are "
@@ -186,7 +195,7 @@ QUERY_PARAMS: Tuple[Param, ...] = (
           choices=("grid", "features")),
 )
 
-DEPTH_NODE_PARAMS: Tuple[Param, ...] = BACKEND_PARAMS + INPUT_PARAMS + QUERY_PARAMS + (
+DEPTH_NODE_PARAMS: Tuple[Param, ...] = LIFECYCLE_PARAMS + BACKEND_PARAMS + INPUT_PARAMS + QUERY_PARAMS + (
     Param("depth_kind", "spec", "What a depth answer measures: spec (as the checkpoint's task spec says; ray "
           "for VLM3), ray (distance from the camera centre) or z (along the optical axis).",
           choices=("spec", "ray", "z")),
@@ -195,7 +204,7 @@ DEPTH_NODE_PARAMS: Tuple[Param, ...] = BACKEND_PARAMS + INPUT_PARAMS + QUERY_PAR
           "can be used (otherwise nothing is published for that frame)."),
 )
 
-ODOMETRY_NODE_PARAMS: Tuple[Param, ...] = BACKEND_PARAMS + INPUT_PARAMS + QUERY_PARAMS + (
+ODOMETRY_NODE_PARAMS: Tuple[Param, ...] = LIFECYCLE_PARAMS + BACKEND_PARAMS + INPUT_PARAMS + QUERY_PARAMS + (
     Param("correspondence_model", "", "Checkpoint for the correspondence task (empty: model).", read_only=True),
     Param("depth_model", "", "Checkpoint for the depth answers used by PnP (empty: model).", read_only=True),
     Param("mode", "both", "Relative pose from: pose (the VLM3 pose questions), correspondence (correspondence "
@@ -272,12 +281,13 @@ class ParameterGuard:
     """Validates parameter changes on a node and keeps a thread-safe snapshot of the values.
 
     ``validate(values) -> error | None`` checks a complete candidate set (cross-parameter rules);
-    ``on_change(names)`` is called after a change was accepted.
+    ``on_change(names)`` is called after a change was accepted. The initial values are validated
+    at once (ValueError) unless ``check_now`` is False (a lifecycle node checks them at configure).
     """
 
     def __init__(self, node: Any, table: Iterable[Param], values: Mapping[str, Any], *,
                  validate: Optional[Callable[[Dict[str, Any]], Optional[str]]] = None,
-                 on_change: Optional[Callable[[List[str]], None]] = None) -> None:
+                 on_change: Optional[Callable[[List[str]], None]] = None, check_now: bool = True) -> None:
         self.table = {p.name: p for p in table}
         self._values = dict(values)
         self._lock = threading.Lock()
@@ -285,7 +295,7 @@ class ParameterGuard:
         self._on_change = on_change
         self.rejected = 0
         self.last_rejection: Optional[str] = None
-        error = validate(dict(values)) if validate else None
+        error = validate(dict(values)) if validate and check_now else None
         if error:
             raise ValueError(f"invalid parameters: {error}")
         node.add_on_set_parameters_callback(self._on_set)

@@ -3,6 +3,10 @@ clean shutdown on SIGINT / SIGTERM.
 
 Used by the ``depth_node`` and ``odometry_node`` console scripts (one node each) and by
 ``vlm3-ros perception`` (both nodes, sharing one loaded checkpoint).
+
+Exit status: 0 after a clean stop, 2 for invalid parameters, 1 when a node could not start (its
+model did not load, or a lifecycle transition ``autostart`` asked for failed), so a launch file or
+a service manager sees the failure.
 """
 
 from __future__ import annotations
@@ -16,13 +20,16 @@ __all__ = ["run_nodes"]
 
 
 def run_nodes(factories: Sequence[Callable[..., Any]], *, args: Optional[List[str]] = None,
-              duration: Optional[float] = None, threads: Optional[int] = None) -> int:
+              duration: Optional[float] = None, threads: Optional[int] = None, autostart: bool = False) -> int:
     """Create a node per factory (called with ``context=``), spin them until shutdown.
 
     ``args`` are the process arguments (``--ros-args ...`` is honoured: parameters files,
     remappings, ``-p`` values, namespaces). ``duration`` stops after that many seconds (smoke runs).
-    Returns the exit status.
+    ``autostart``: configure and activate nodes that were created managed (waiting unconfigured),
+    as the launch file's ``autostart`` does. Returns the exit status.
     """
+    from .node_base import NodeStartError
+
     import rclpy
     from rclpy.context import Context
     from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
@@ -49,6 +56,10 @@ def run_nodes(factories: Sequence[Callable[..., Any]], *, args: Optional[List[st
             node = factory(context=context)
             nodes.append(node)
             executor.add_node(node)
+        if autostart:
+            for node in nodes:
+                if node.lifecycle_state == "unconfigured":
+                    node.bring_up()
         deadline = None if duration is None else time.monotonic() + duration
         try:
             while not stop.is_set() and context.ok():
@@ -60,6 +71,9 @@ def run_nodes(factories: Sequence[Callable[..., Any]], *, args: Optional[List[st
     except ValueError as exc:  # invalid parameters at start
         print(f"error: {exc}", flush=True)
         status = 2
+    except NodeStartError as exc:
+        print(f"error: {exc}", flush=True)
+        status = 1
     finally:
         for node in reversed(nodes):
             try:
@@ -72,3 +86,4 @@ def run_nodes(factories: Sequence[Callable[..., Any]], *, args: Optional[List[st
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return status
+
