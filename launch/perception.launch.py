@@ -4,7 +4,8 @@
 
 Arguments: params_file (default: the package's config/perception.yaml), model, backend,
 image, camera_info, reference_depth, reference_pose (topics remapped onto the nodes' inputs),
-namespace, use_sim_time. `vlm3-ros perception` runs the same nodes with the same parameter file
+namespace, use_sim_time, detections (a vision_msgs/Detection2DArray topic: when set, the object
+node is started too and subscribes it). `vlm3-ros perception` runs the same nodes with the same parameter file
 and topic arguments in one process, for installs without `ros2 launch`.
 """
 
@@ -23,6 +24,7 @@ PARAMS_FILE = "config/perception.yaml"
 NODES = (
     ("depth_node", "depth_node"),
     ("odometry_node", "odometry_node"),
+    ("object_node", "object_node"),  # only with detections:=<topic>
 )
 #: launch argument -> default topic, remapped onto the node-relative topic of the same name
 TOPICS = {
@@ -37,6 +39,7 @@ ARGUMENTS = {
     "backend": ("", "transformers or oracle (overrides the backend parameter when set)"),
     "namespace": ("", "Namespace of both nodes"),
     "use_sim_time": ("false", "Use /clock (bag playback)"),
+    "detections": ("", "vision_msgs/Detection2DArray topic; when set, object_node is started and subscribes it"),
 }
 
 
@@ -49,6 +52,9 @@ def _nodes(context, *args, **kwargs):
             overrides[name] = value
     remappings = [(topic, LaunchConfiguration(topic).perform(context)) for topic in TOPICS]
     namespace = LaunchConfiguration("namespace").perform(context)
+    detections = LaunchConfiguration("detections").perform(context)
+    if detections:
+        remappings.append(("detections", detections))
     return [
         Node(
             package=PACKAGE,
@@ -61,6 +67,7 @@ def _nodes(context, *args, **kwargs):
             emulate_tty=True,
         )
         for executable, name in NODES
+        if name != "object_node" or detections
     ]
 
 

@@ -8,13 +8,12 @@ from typing import List
 import numpy as np
 import pytest
 
-from data_helpers import sevenscenes  # noqa: F401  (fixture)
-from model_helpers import tiny_backend, tiny_checkpoint  # noqa: F401  (fixtures)
-from object_helpers import expected_object, rectangle_box, rectangles_depth, segmented_boxes
+from object_helpers import Counting, assert_matches_ground_truth, expected_object, rectangle_box, \
+    rectangles_depth, segmented_boxes
 from vlm3_ros import metrics, objects
 from vlm3_ros import protocol as p
 from vlm3_ros.camera import Intrinsics, prepare_depth, prepare_image
-from vlm3_ros.engine import Backend, EngineError, GroundTruth, OracleBackend, Request, Response
+from vlm3_ros.engine import EngineError, GroundTruth, OracleBackend, Request
 from vlm3_ros.object_query import ObjectQuery
 
 K = np.array([[500.0, 0.0, 319.5], [0.0, 500.0, 239.5], [0.0, 0.0, 1.0]])
@@ -31,21 +30,6 @@ PAIR_QUESTIONS = [q for q, spec in p.OBJECT_QUESTIONS.items() if spec.regions ==
 
 def _scene():
     return rectangles_depth(K, W, H, [NEAR, FAR])
-
-
-class Counting(Backend):
-    """A backend around another one that records every request (to count requests per frame)."""
-
-    def __init__(self, inner: Backend, name: str = "counting") -> None:
-        self.inner, self.name, self.requests = inner, name, []
-
-    @property
-    def specs(self):
-        return self.inner.specs
-
-    def answer(self, request: Request) -> Response:
-        self.requests.append(request)
-        return self.inner.answer(request)
 
 
 class Nonsense(OracleBackend):
@@ -231,7 +215,7 @@ def test_boxes_outside_the_image_and_unusable_answers_are_reported():
     result = query.query(RGB, Intrinsics.from_K(K, W, H), [rectangle_box(K, NEAR), (700, 10, 800, 90)],
                          reference_depth=depth)
     assert result.objects[0].valid and not result.objects[1].valid
-    assert result.objects[1].errors == ["the box is outside the image"] and result.objects[1].region is None
+    assert result.objects[1].errors == ["the box covers less than a pixel of the image"] and result.objects[1].region is None
     assert result.relations == []  # no pair with a box outside
     with pytest.raises(ValueError, match="x2 > x1"):
         query.query(RGB, Intrinsics.from_K(K, W, H), [(10, 10, 5, 50)])
@@ -277,31 +261,30 @@ def test_a_model_serving_both_tasks_answers_them_in_one_request_like_separately(
 
 def test_objects_on_7scenes_frames_match_the_back_projected_ground_truth(sevenscenes):
     """Boxes around depth-segmented regions of real frames: centres and sizes from the oracle's
-    answers equal the ground truth computed from the sensor depth, within the answers' rounding
-    (0.005 m per answer) plus a pixel of difference between the sensor depth and the focal-unified
-    (nearest-resampled) depth the oracle reads."""
+    answers equal the ground truth back-projected from the sensor depth (test/object_helpers.py,
+    computed independently), within the answers' rounding. Boxes whose depth samples lie within
+    1.2 cm of the object's depth band edge are left out (rounding may move a sample across)."""
     K7 = sevenscenes.intrinsics()
     query = ObjectQuery(OracleBackend(), relations=["left", "behind"])
-    checked = 0
-    for fid in sevenscenes.frame_ids[::10]:
+    checked = skipped = 0
+    for fid in sevenscenes.frame_ids[::5]:
         rgb, depth, _ = sevenscenes.load_frame(fid)
         boxes = segmented_boxes(depth)
         result = query.query(rgb, Intrinsics.from_K(K7, 640, 480), boxes, reference_depth=depth)
         for box, est in zip(boxes, result.objects):
             truth = expected_object(depth, K7, box)
-            z = truth["far"]
-            np.testing.assert_allclose(est.centre, truth["centre"], atol=0.005 + 0.005 * z)
-            np.testing.assert_allclose(est.size[:2], truth["size"][:2], atol=0.005 + 0.0025 * z)
-            assert est.size[2] == pytest.approx(truth["size"][2], abs=0.01 + 0.005 * z)
+            if not truth["stable"]:
+                skipped += 1
+                continue
+            assert_matches_ground_truth(est.centre, est.size, truth)
             checked += 1
         for rel in result.relations:
             a, b = (objects.object_extent(objects.region_points(depth, K7, boxes[k])) for k in (rel.a, rel.b))
-            measure = {"left_predicate": 0, "behind_predicate": None}[rel.question]
-            if measure is not None and abs(a.centre[0] - b.centre[0]) > 0.02:  # not a near tie
+            if rel.question == "left_predicate" and abs(a.centre[0] - b.centre[0]) > 0.02:  # not a near tie
                 assert rel.value == bool(a.centre[0] < b.centre[0])
-            if measure is None and abs(a.lower[2] - b.lower[2]) > 0.02:
+            if rel.question == "behind_predicate" and abs(a.lower[2] - b.lower[2]) > 0.02:
                 assert rel.value == bool(a.lower[2] > b.lower[2])
-    assert checked >= 12
+    assert checked >= 30 and skipped <= checked // 10
 
 
 # ------------------------------------------------------------------------------------------------

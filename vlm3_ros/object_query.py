@@ -172,7 +172,7 @@ class ObjectQuery:
             coords = None if region is None else protocol.parse_bbox_references(region)[0]
             nan = np.full(3, np.nan)
             estimates.append(ObjectEstimate(box=box, region=region, centre=nan.copy(), size=nan.copy(), depth_samples=0,
-                                            errors=[] if region else ["the box is outside the image"]))
+                                            errors=[] if region else ["the box covers less than a pixel of the image"]))
             regions.append(coords)
             region_boxes.append(None if coords is None else np.asarray(coords) / scale * (width, height, width, height))
 

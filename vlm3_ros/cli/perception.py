@@ -24,6 +24,7 @@ HELP = "Run the depth and odometry nodes in one process (MultiThreadedExecutor).
 NODES: Dict[str, tuple] = {
     "depth_node": ("depth_node", "vlm3_ros.ros.depth_node:DepthNode"),
     "odometry_node": ("odometry_node", "vlm3_ros.ros.odometry_node:OdometryNode"),
+    "object_node": ("object_node", "vlm3_ros.ros.object_node:ObjectNode"),  # with --detections
 }
 
 #: launch argument / option -> (node-relative topic it remaps, default target)
@@ -66,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             help=f"topic remapped to the nodes' {name} (default {default})")
     parser.add_argument("--namespace", default="", help="namespace of both nodes")
     parser.add_argument("--use-sim-time", action="store_true", help="use /clock (bag playback)")
+    parser.add_argument("--detections", default="",
+                        help="vision_msgs/Detection2DArray topic: also run the object node on it")
     parser.add_argument("--nodes", default="depth_node,odometry_node",
                         help="comma-separated nodes to run (default: both)")
     parser.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
@@ -86,6 +89,8 @@ def ros_arguments(args: argparse.Namespace) -> List[str]:
     out += ["-p", f"use_sim_time:={'true' if args.use_sim_time else 'false'}"]
     for name, (topic, _) in TOPICS.items():
         out += ["-r", f"{topic}:={getattr(args, name)}"]
+    if args.detections:
+        out += ["-r", f"detections:={args.detections}"]
     if args.namespace:
         out += ["-r", f"__ns:={args.namespace if args.namespace.startswith('/') else '/' + args.namespace}"]
     extra = list(args.ros_args or [])
@@ -100,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
     from ..ros.runner import run_nodes
 
     names = [n.strip() for n in args.nodes.split(",") if n.strip()]
+    if args.detections and "object_node" not in names:
+        names.append("object_node")
     unknown = [n for n in names if n not in NODES]
     if unknown or not names:
         print(f"error: unknown node(s) {unknown}; choose from {', '.join(NODES)}")
