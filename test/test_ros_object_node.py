@@ -159,9 +159,10 @@ def test_detection_handling_and_bad_input(ros, perception_nodes):
     #    (lowest score), two are measured.
     boxes = [near, far, near, (10, 10, 10, 50)]
     _send(cam, detections, 1.0, rgb, intr, depth, boxes, labels=["a", "b", "c", "d"], scores=[0.9, 0.8, 0.6, 0.95])
+    assert ros.spin_until(lambda: len(out["objects"].with_stamp(1.0)), 20)  # (a newer frame would replace it)
     detections.publish(detections_msg(1.5, [near], labels=["low"], scores=[0.2]))
     cam.publish(FramePublisher.messages(1.5, rgb, intr, depth=depth))
-    assert ros.spin_until(lambda: len(out["objects"].with_stamp(1.0)) and len(out["objects"].with_stamp(1.5)), 20)
+    assert ros.spin_until(lambda: len(out["objects"].with_stamp(1.5)), 20)
     (msg,) = out["objects"].with_stamp(1.0)
     assert [d.results[0].hypothesis.class_id for d in msg.detections] == ["a", "b"]
     np.testing.assert_allclose([msg.detections[1].bbox.center.position.z], [3.0], atol=0.006)
@@ -191,9 +192,11 @@ def test_detection_handling_and_bad_input(ros, perception_nodes):
     # 4. Detections stamped differently from the image never pair: nothing is published for them.
     detections.publish(detections_msg(5.25, [near], labels=["a"]))
     cam.publish(FramePublisher.messages(5.0, rgb, intr, depth=depth))
+    assert ros.spin_until(lambda: node.sync.counters.received.get("detections", 0) >= 6, 10)
     _send(cam, detections, 6.0, rgb, intr, depth, [near], labels=["a"])
     assert ros.spin_until(lambda: len(out["objects"].with_stamp(6.0)), 20)
     assert out["objects"].with_stamp(5.0) == [] and out["objects"].with_stamp(5.25) == []
+    assert node.worker.submitted == 6  # frames 1, 1.5, 2, 3, 4, 6: the unpaired 5 never reached the worker
 
 
 def test_tiny_model_serving_both_tasks_in_one_request(ros, perception_nodes, tiny_backend, tiny_checkpoint):

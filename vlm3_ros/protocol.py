@@ -905,13 +905,16 @@ def parse_bbox_references(text: str) -> list[tuple[float, float, float, float]]:
     return [tuple(float(v) for v in m.groups()) for m in _BBOX_RE.finditer(text)]  # type: ignore[misc]
 
 
-def object_question(question_id: str, regions: list[str] | tuple[str, ...], spec: TaskSpec = OBJECT) -> str:
-    """The question ``question_id`` about region references ``regions`` (one or two texts)."""
+def _region_fields(question_id: str, regions: list[str] | tuple[str, ...]) -> tuple[ObjectQuestion, dict[str, str]]:
     question = _object_question(question_id)
     if len(regions) != question.regions:
         raise ProtocolError(f"object question {question_id!r} takes {question.regions} region(s), got {len(regions)}")
-    fields = {"a": regions[0], **({"b": regions[1]} if question.regions == 2 else {})}
-    return spec.question(question_id, **fields)
+    return question, {"a": regions[0], **({"b": regions[1]} if question.regions == 2 else {})}
+
+
+def object_question(question_id: str, regions: list[str] | tuple[str, ...], spec: TaskSpec = OBJECT) -> str:
+    """The question ``question_id`` about region references ``regions`` (one or two texts)."""
+    return spec.question(question_id, **_region_fields(question_id, regions)[1])
 
 
 @functools.lru_cache(maxsize=16)
@@ -1176,10 +1179,7 @@ def parse_object_answer(question_id: str, text: str, regions: list[tuple[float, 
 def format_object_answer(question_id: str, value: float | bool | int, regions: list[str] | tuple[str, ...],
                          spec: TaskSpec = OBJECT, unit: str = "meters") -> str:
     """The training answer for a true ``value`` (metres, bool or region index) about ``regions``."""
-    question = _object_question(question_id)
-    if len(regions) != question.regions:
-        raise ProtocolError(f"object question {question_id!r} takes {question.regions} region(s), got {len(regions)}")
-    fields = {"a": regions[0], **({"b": regions[1]} if question.regions == 2 else {})}
+    question, fields = _region_fields(question_id, regions)
     if question.kind == "quantity":
         return spec.answer(question_id, value=format_quantity(float(value), unit), **fields)
     if question.kind == "predicate":

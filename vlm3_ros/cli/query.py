@@ -188,7 +188,12 @@ def run(args: argparse.Namespace) -> int:
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    report = {"task": args.task, "backend": backend.describe(), "summary": summary, "rows": rows}
+    return _emit(args, {"task": args.task, "backend": backend.describe(), "summary": summary, "rows": rows}, [rows])
+
+
+def _emit(args: argparse.Namespace, report: dict, tables: list[list[dict]]) -> int:
+    """Write the report as JSON (``--json``) and, unless it went to stdout, print the tables and
+    the summary line."""
     if args.json:
         text = json.dumps(report, indent=2)
         if args.json == "-":
@@ -197,8 +202,11 @@ def run(args: argparse.Namespace) -> int:
             Path(args.json).write_text(text + "\n")
             print(f"wrote {args.json}")
     if args.json != "-":
-        _print_table(rows)
-        print("  ".join(f"{k}={v}" for k, v in summary.items()))
+        for k, table in enumerate(t for t in tables if t):
+            if k:
+                print()
+            _print_table(table)
+        print("  ".join(f"{k}={v}" for k, v in report["summary"].items()))
     return 0
 
 
@@ -245,20 +253,8 @@ def _run_object(args: argparse.Namespace, backend: Any, image: np.ndarray, camer
                "parse_failures": res.parse_failures, "requests": len(res.responses)}
     report = {"task": "object", "backend": backend.describe(), "summary": summary, "rows": rows,
               "relations": relation_rows}
-    if args.json:
-        text = json.dumps(report, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
-            print(f"wrote {args.json}")
-    if args.json != "-":
-        _print_table([{k: v for k, v in r.items() if k not in ("region", "answers")} for r in rows])
-        if relation_rows:
-            print()
-            _print_table(relation_rows)
-        print("  ".join(f"{k}={v}" for k, v in summary.items()))
-    return 0
+    table = [{k: v for k, v in r.items() if k not in ("region", "answers")} for r in rows]
+    return _emit(args, report, [table, relation_rows])
 
 
 def _print_table(rows: list[dict]) -> None:

@@ -31,7 +31,7 @@ from ..camera import CameraError
 from ..engine import Backend
 from ..object_query import ObjectQuery
 from . import backends as backend_cache
-from .conversions import FrameRejected, depth_metres, header
+from .conversions import FrameRejected, header
 from .detections import detection3d_array, detections_from_msg, object_markers
 from .node_base import PerceptionNode
 from .params import OBJECT_NODE_PARAMS
@@ -129,12 +129,7 @@ class ObjectNode(PerceptionNode):
             self.problem("too_many_detections", f"{dropped} detection(s) beyond max_objects = "
                          f"{values['max_objects']} dropped (lowest scores)", skipped=False)
             detections = detections[: values["max_objects"]]
-        reference = None
-        if "reference_depth" in messages:
-            reference = depth_metres(messages["reference_depth"])
-            if reference.shape != (height, width):
-                raise FrameRejected("reference_depth_size", f"reference depth is {reference.shape[1]}x"
-                                    f"{reference.shape[0]} but the image is {width}x{height}")
+        reference = self.reference_depth(messages, width, height)
         measured = []
         if detections:
             try:
