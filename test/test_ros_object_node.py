@@ -262,3 +262,29 @@ def test_invalid_parameters_are_rejected(ros):
         assert node.params["depth_inner"] == 0.25
     finally:
         node.destroy_node()
+
+
+def test_perception_command_runs_the_object_node_on_a_detections_topic(ros, ros_domain_id):
+    """``vlm3-ros perception --detections TOPIC`` adds the object node (in its own process here)."""
+    from test_ros_perception import _cli, _stop
+
+    proc = _cli(ros_domain_id, "perception", "--backend", "oracle", "--nodes", "depth_node",
+                "--detections", "/robot_detections", "--image", "/cam/image", "--camera-info", "/cam/info",
+                "--reference-depth", "/cam/depth")
+    try:
+        client = ros.node("camera")
+        cam = FramePublisher(client, {"image": "/cam/image", "camera_info": "/cam/info", "reference_depth": "/cam/depth"})
+        detections = client.create_publisher(Detection2DArray, "/robot_detections", reliable(10))
+        objects = Collector(client, Detection3DArray, "/objects")
+        assert ros.spin_until(lambda: detections.get_subscription_count() == 1
+                              and cam.image.get_subscription_count() == 2, 30), proc.poll()
+        intr = Intrinsics.from_K(K, 640, 480)
+        _send(cam, detections, 30.0, np.full((480, 640, 3), 90, np.uint8), intr,
+              rectangles_depth(K, 640, 480, [NEAR]), [rectangle_box(K, NEAR)], labels=["box"])
+        assert ros.spin_until(lambda: len(objects), 30), proc.poll()
+    finally:
+        code, output = _stop(proc)
+    (det,) = objects.messages[0].detections
+    assert det.results[0].hypothesis.class_id == "box"
+    np.testing.assert_allclose([det.bbox.center.position.x, det.bbox.center.position.z], [-0.5, 2.0], atol=0.006)
+    assert code == 0, output[-2000:]
