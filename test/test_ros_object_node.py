@@ -288,3 +288,18 @@ def test_perception_command_runs_the_object_node_on_a_detections_topic(ros, ros_
     assert det.results[0].hypothesis.class_id == "box"
     np.testing.assert_allclose([det.bbox.center.position.x, det.bbox.center.position.z], [-0.5, 2.0], atol=0.006)
     assert code == 0, output[-2000:]
+
+
+def test_a_checkpoint_without_the_object_questions_fails_at_start(ros, perception_nodes):
+    """A protocol file whose object spec has no width / height question: the backend is marked
+    failed with the reason (diagnostics ERROR), not one rejected frame after another."""
+    from dataclasses import replace
+
+    from vlm3_ros import protocol
+    from vlm3_ros.engine import OracleBackend
+
+    bare = replace(protocol.OBJECT, questions={"region": protocol.OBJECT.questions["region"]}, answers={})
+    node = perception_nodes(ObjectNode(context=ros.context, backend=OracleBackend({**protocol.TASKS, "object": bare}),
+                                       parameter_overrides=[Parameter("backend", value="oracle")]))
+    assert ros.spin_until(lambda: node.worker.state == "failed", 30)
+    assert "width_data" in str(node.worker.error) and "no question" in str(node.worker.error)

@@ -308,8 +308,13 @@ POSE_ANSWERS = {
 # ways (osdsynth/processor/prompt_template.py of AnjieCheng/SpatialRGPT); one wording per question
 # is asked here: the "Can you confirm if ..." form of the sample where SpatialRGPT has one, else its
 # first wording. Which wordings VLM3-object saw in training is not published; the parsers below
-# read every answer wording of that template set. Direction ("at N o'clock") questions are not
-# included. The meaning of each id is in OBJECT_QUESTIONS (object-level block below).
+# read every answer wording of that template set. SpatialRGPT-Bench asks the same template set
+# (public evaluation reports quote "Is Region [0] behind Region [1]?" -> "No." and "What is the
+# height of Region [0]?" -> "6.91 feet"); the ids are its category names where those are seen in
+# such reports (small_predicate, left_choice, right_choice, width_data, height_data,
+# behind_predicate, tall_predicate) and follow the same pattern elsewhere (the distance ids are
+# not confirmed). Direction ("at N o'clock") questions are not included. The meaning of each id
+# is in OBJECT_QUESTIONS (object-level block below).
 OBJECT_QUESTION_TEXTS = {
     "width_data": "What is the width of {a}?",
     "height_data": "What is the height of {a}?",
@@ -813,7 +818,7 @@ class ObjectQuestion:
     """What an object question asks, independent of its wording (the wording is in a task spec).
 
     Attributes:
-        id: the question id (SpatialRGPT-Bench category name, e.g. ``width_data``).
+        id: the question id (named like SpatialRGPT-Bench's categories, e.g. ``width_data``).
         kind: ``quantity`` (metres), ``predicate`` (yes / no about region a relative to b) or
             ``choice`` (which of regions a and b).
         regions: how many regions the question references (1 or 2).

@@ -94,6 +94,7 @@ class ObjectNode(PerceptionNode):
     def setup(self) -> None:
         for task in TASK_MODELS:
             self._backend(task)
+        self._object_query(self.params.snapshot())  # fails early for an object spec without these questions
         self.get_logger().info(f"object backends ready ({self.backend_description()})")
 
     def _object_query(self, values: Dict[str, Any]) -> ObjectQuery:
