@@ -14,7 +14,7 @@ from vlm3_ros import metrics, objects
 from vlm3_ros import protocol as p
 from vlm3_ros.camera import Intrinsics, prepare_depth, prepare_image
 from vlm3_ros.engine import EngineError, GroundTruth, OracleBackend, Request
-from vlm3_ros.object_query import ObjectQuery
+from vlm3_ros.object_query import ObjectQuery, box_region
 
 K = np.array([[500.0, 0.0, 319.5], [0.0, 500.0, 239.5], [0.0, 0.0, 1.0]])
 W, H = 640, 480
@@ -320,10 +320,9 @@ def test_oracle_answers_score_perfectly_against_the_true_values():
     boxes = [rectangle_box(K, r) for r in (NEAR, FAR)]
     result = query.query(RGB, Intrinsics.from_K(K, W, H), boxes, reference_depth=depth)
     prepared = result.prepared
-    size = np.array([prepared.width, prepared.height, prepared.width, prepared.height])
-    regions = [np.asarray(p.parse_bbox_references(o.region)[0]) / 1000 * size for o in result.objects]
     reference = prepare_depth(depth, prepared)
-    extents = [objects.object_extent(objects.region_points(reference, prepared.intrinsics.K, r)) for r in regions]
+    extents = [objects.region_extent(reference, prepared.intrinsics.K, box_region(prepared, box)[1]) for box in boxes]
+    assert [box_region(prepared, box)[0] for box in boxes] == [o.region for o in result.objects]
     records = [(r.question, r.value, objects.true_answer(r.question, extents[r.a], extents[r.b]))
                for r in result.relations]
     assert len(records) == len(PAIR_QUESTIONS)

@@ -30,9 +30,19 @@ from .engine.base import Backend, GroundTruth, Request, Response
 from .pipeline import DepthEstimator, DepthResult, _rgb
 from .protocol import AnswerParseError, ProtocolError, TaskSpec
 
-__all__ = ["ObjectEstimate", "ObjectQuery", "ObjectResult", "Relation", "prepared_box"]
+__all__ = ["ObjectEstimate", "ObjectQuery", "ObjectResult", "Relation", "box_region", "prepared_box"]
 
 SIZE_QUESTIONS = ("width_data", "height_data")
+
+
+def box_region(prepared: PreparedImage, box: Sequence[float], spec: TaskSpec = protocol.OBJECT) -> tuple[str, tuple] | None:
+    """The region reference of an original-image box in ``prepared`` (text, text coordinates);
+    None when less than a pixel of the box is in the image."""
+    pbox = prepared_box(prepared.mapping, box, prepared.width, prepared.height)
+    if pbox is None:
+        return None
+    text = protocol.bbox_reference(tuple(pbox), prepared.width, prepared.height, spec)
+    return text, protocol.parse_bbox_references(text)[0]
 
 
 def prepared_box(mapping: PixelMap, box: Sequence[float], width: int, height: int, samples: int = 8) -> np.ndarray | None:
@@ -167,9 +177,7 @@ class ObjectQuery:
         # Regions: each box in the prepared image, referenced by text coordinates.
         estimates, regions, region_boxes = [], [], []
         for box in boxes_:
-            pbox = prepared_box(prepared.mapping, box, width, height)
-            region = None if pbox is None else protocol.bbox_reference(tuple(pbox), width, height, self.spec)
-            coords = None if region is None else protocol.parse_bbox_references(region)[0]
+            region, coords = box_region(prepared, box, self.spec) or (None, None)
             nan = np.full(3, np.nan)
             estimates.append(ObjectEstimate(box=box, region=region, centre=nan.copy(), size=nan.copy(), depth_samples=0,
                                             errors=[] if region else ["the box covers less than a pixel of the image"]))

@@ -49,6 +49,7 @@ __all__ = [
     "depth_band",
     "object_extent",
     "object_measure",
+    "region_extent",
     "region_points",
     "true_answer",
 ]
@@ -158,6 +159,19 @@ def object_extent(points: np.ndarray) -> ObjectExtent | None:
         return None
     lower, upper = np.percentile(obj, PERCENTILES, axis=0)
     return ObjectExtent(lower=lower, upper=upper, points=len(obj))
+
+
+def region_extent(depth: np.ndarray, K: np.ndarray, region: Sequence[float], scale: float = 1000.0) -> ObjectExtent | None:
+    """The extent of the object in a region given in text coordinates (``[0, scale]`` of the width
+    and height of ``depth``, the depth image of the image the region refers to, with intrinsics
+    ``K``); None when it has too few points or covers no pixel."""
+    height, width = np.asarray(depth).shape[:2]
+    x1, y1, x2, y2 = (float(v) for v in region)
+    box = (x1 / scale * width, y1 / scale * height, x2 / scale * width, y2 / scale * height)
+    try:
+        return object_extent(region_points(depth, K, box))
+    except ValueError:  # an empty box
+        return None
 
 
 def object_measure(name: str, a: ObjectExtent, b: ObjectExtent | None = None) -> float:

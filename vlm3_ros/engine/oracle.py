@@ -140,17 +140,9 @@ class OracleBackend(Backend):
         height, width = np.asarray(request.images[0]).shape[:2]
         if depth.shape[:2] != (height, width):
             raise EngineError(f"ground truth depth is {depth.shape[1]}x{depth.shape[0]}, the image {width}x{height}")
-        scale = float(spec.coord_scale or 1000)
-        extents = []
-        for x1, y1, x2, y2 in regions:
-            box = (x1 / scale * width, y1 / scale * height, x2 / scale * width, y2 / scale * height)
-            try:
-                extent = objects.object_extent(objects.region_points(depth, gt.K, box))
-            except ValueError:  # an empty box
-                extent = None
-            if extent is None:
-                return UNKNOWN_ANSWER
-            extents.append(extent)
+        extents = [objects.region_extent(depth, gt.K, region, float(spec.coord_scale or 1000)) for region in regions]
+        if any(e is None for e in extents):
+            return UNKNOWN_ANSWER
         value = objects.true_answer(qid, *extents)
         texts = [spec.question("region", x1=int(r[0]), y1=int(r[1]), x2=int(r[2]), y2=int(r[3])) for r in regions]
         try:
