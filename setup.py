@@ -45,6 +45,7 @@ setup(
             "vlm3-ros = vlm3_ros.cli.main:main",
             "depth_node = vlm3_ros.ros.depth_node:main",
             "odometry_node = vlm3_ros.ros.odometry_node:main",
+            "object_node = vlm3_ros.ros.object_node:main",
         ],
     },
 )

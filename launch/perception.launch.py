@@ -4,14 +4,17 @@
 
 Arguments: params_file (default: the package's config/perception.yaml), model, backend,
 image, camera_info, reference_depth, reference_pose (topics remapped onto the nodes' inputs;
-relative names resolve in the namespace), namespace, use_sim_time, managed, autostart, rviz.
+relative names resolve in the namespace), namespace, use_sim_time, managed, autostart, rviz,
+detections.
 
-* ``managed:=true`` starts both nodes as lifecycle nodes waiting, unconfigured, for a manager;
+* ``managed:=true`` starts the nodes as lifecycle nodes waiting, unconfigured, for a manager;
   with ``autostart:=true`` (the default) this launch file configures and activates them through
   their lifecycle services. ``autostart:=false`` leaves that to another manager (Nav2's
   lifecycle_manager, ``ros2 lifecycle set``).
 * ``rviz:=true`` also starts RViz with the package's rviz/perception.rviz (its topics moved into
   the namespace).
+* ``detections:=<topic>`` (a vision_msgs/Detection2DArray topic) also starts the object node,
+  subscribed to it.
 * A node that exits with an error (a model that does not load, bad parameters), or a managed node
   that fails to configure under ``autostart``, ends the launch with a non-zero status.
 
@@ -42,6 +45,7 @@ RVIZ_FILE = "rviz/perception.rviz"
 NODES = (
     ("depth_node", "depth_node"),
     ("odometry_node", "odometry_node"),
+    ("object_node", "object_node"),  # only with detections:=<topic>
 )
 #: launch argument -> default topic (relative: it moves with the namespace), remapped onto the
 #: node-relative topic of the same name
@@ -60,6 +64,7 @@ ARGUMENTS = {
     "managed": ("false", "Run the nodes as managed lifecycle nodes (they wait unconfigured for a manager)"),
     "autostart": ("true", "With managed:=true, configure and activate the nodes from this launch file"),
     "rviz": ("false", "Also start RViz with the package's configuration"),
+    "detections": ("", "vision_msgs/Detection2DArray topic; when set, object_node is started and subscribes it"),
 }
 
 
@@ -127,8 +132,13 @@ def _nodes(context, *args, **kwargs):
             overrides[name] = value
     remappings = [(topic, LaunchConfiguration(topic).perform(context)) for topic in TOPICS]
     namespace = LaunchConfiguration("namespace").perform(context)
+    detections = LaunchConfiguration("detections").perform(context)
+    if detections:
+        remappings.append(("detections", detections))
     actions = []
     for executable, name in NODES:
+        if name == "object_node" and not detections:
+            continue
         node = (LifecycleNode if managed else Node)(
             package=PACKAGE,
             executable=executable,

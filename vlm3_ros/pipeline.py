@@ -181,14 +181,21 @@ class DepthEstimator:
         if reference_depth is not None:
             gt = GroundTruth(depth=prepare_depth(reference_depth, prepared), K=prepared.intrinsics.K)
         response = _ask(self.backend, [_rgb(prepared)], questions, self.spec, self.max_new_tokens, gt) if len(index) else None
-        values, parse_errors = _parse_all(protocol.parse_depth_answer, response.answers if response else [])
+        return self.read_answers(prepared, uv, inside, referenced, response.answers if response else [], response)
 
+    def read_answers(self, prepared: PreparedImage, uv: np.ndarray, inside: np.ndarray, referenced: np.ndarray,
+                     texts: list[str], response: Response | None = None) -> DepthResult:
+        """The result for answers ``texts`` to :meth:`questions` ``(prepared, uv)`` (one per inside pixel)."""
+        index = np.flatnonzero(inside)
+        if len(texts) != len(index):
+            raise ValueError(f"{len(index)} depth questions were asked, {len(texts)} answers given")
+        values, parse_errors = _parse_all(protocol.parse_depth_answer, list(texts))
         n = len(uv)
         distance = np.full(n, np.nan)
         answers: list[str | None] = [None] * n
         errors: list[str | None] = ["outside the prepared image"] * n
         for k, i in enumerate(index):
-            answers[i] = response.answers[k]
+            answers[i] = texts[k]
             errors[i] = parse_errors[k]
             if values[k] is not None:
                 distance[i] = values[k]

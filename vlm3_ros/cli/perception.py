@@ -26,7 +26,10 @@ HELP = "Run the depth and odometry nodes in one process (MultiThreadedExecutor).
 NODES: Dict[str, tuple] = {
     "depth_node": ("depth_node", "vlm3_ros.ros.depth_node:DepthNode"),
     "odometry_node": ("odometry_node", "vlm3_ros.ros.odometry_node:OdometryNode"),
+    "object_node": ("object_node", "vlm3_ros.ros.object_node:ObjectNode"),  # with --detections
 }
+#: the nodes run when --nodes is not given (the object node joins them with --detections)
+DEFAULT_NODES = ("depth_node", "odometry_node")
 
 #: launch argument / option -> (node-relative topic it remaps, default target; relative targets
 #: resolve in the namespace)
@@ -73,7 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run managed lifecycle nodes: they wait, unconfigured, for a lifecycle manager")
     parser.add_argument("--autostart", action="store_true",
                         help="with --managed: configure and activate the nodes through their lifecycle")
-    parser.add_argument("--nodes", default="depth_node,odometry_node",
+    parser.add_argument("--detections", default="",
+                        help="vision_msgs/Detection2DArray topic: also run the object node on it")
+    parser.add_argument("--nodes", default=",".join(DEFAULT_NODES),
                         help="comma-separated nodes to run (default: both)")
     parser.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     parser.add_argument("--ros-args", dest="ros_args", nargs=argparse.REMAINDER, default=[],
@@ -94,6 +99,8 @@ def ros_arguments(args: argparse.Namespace) -> List[str]:
     out += ["-p", f"managed:={'true' if args.managed else 'false'}"]
     for name, (topic, _) in TOPICS.items():
         out += ["-r", f"{topic}:={getattr(args, name)}"]
+    if args.detections:
+        out += ["-r", f"detections:={args.detections}"]
     if args.namespace:
         out += ["-r", f"__ns:={args.namespace if args.namespace.startswith('/') else '/' + args.namespace}"]
     extra = list(args.ros_args or [])
@@ -108,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
     from ..ros.runner import run_nodes
 
     names = [n.strip() for n in args.nodes.split(",") if n.strip()]
+    if args.detections and "object_node" not in names:
+        names.append("object_node")
     unknown = [n for n in names if n not in NODES]
     if unknown or not names:
         print(f"error: unknown node(s) {unknown}; choose from {', '.join(NODES)}")

@@ -2,7 +2,9 @@
 
 The command-line version of the public VLM3 notebook: image file(s), the camera intrinsics (or
 just a focal length), pixels and a task in; a table (or JSON) of the answers and their metric
-values out: depth in metres and 3D points, matched pixels, or the relative pose.
+values out: depth in metres and 3D points, matched pixels, or the relative pose. With
+``--task object``, boxes (``--box X1 Y1 X2 Y2``, repeatable) instead of pixels: each box's 3D
+centre and size in metres, and the answers to ``--ask`` questions about every pair of boxes.
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ from typing import Any
 
 import numpy as np
 
-HELP = "Ask a VLM3 model (or the oracle) for depth, correspondences or pose on image files."
+HELP = "Ask a VLM3 model (or the oracle) for depth, correspondences, pose or objects on image files."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", type=Path, help="image file (two for correspondence and pose)")
-    parser.add_argument("--task", choices=("depth", "correspondence", "pose"), default="depth")
+    parser.add_argument("--task", choices=("depth", "correspondence", "pose", "object"), default="depth")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="checkpoint directory or hub id (hub ids need the local cache or --online)")
     source.add_argument("--oracle", action="store_true", help="answer from ground truth (--depth / --relative-pose)")
@@ -44,6 +46,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--think", action="store_true", help="correspondence: ask for a think block")
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--json", nargs="?", const="-", help="write JSON (to a path, or - for stdout)")
+    obj = parser.add_argument_group("object task")
+    obj.add_argument("--box", type=float, nargs=4, action="append", metavar=("X1", "Y1", "X2", "Y2"),
+                     help="an image box in pixels, corners (repeatable)")
+    obj.add_argument("--ask", action="append", default=[], metavar="QUESTION",
+                     help="questions (comma-separated, repeatable): width and height are always asked; "
+                          "pair questions (distance, horizontal, vertical, left, right, above, below, behind, "
+                          "front, bigger, smaller, taller, shorter, wider, thinner, or a question id such as "
+                          "left_choice) are asked about every pair of boxes")
+    obj.add_argument("--depth-model", help="checkpoint for the depth questions inside the boxes (default: --model)")
+    obj.add_argument("--depth-grid", type=int, default=3, help="depth questions per box: N x N over its centre")
 
 
 def _read_rgb(path: Path) -> np.ndarray:
@@ -107,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     from ..engine import EngineError, load_backend
     from ..pipeline import CorrespondenceMatcher, DepthEstimator, PoseEstimator, query_grid
 
-    needed = 1 if args.task == "depth" else 2
+    needed = 1 if args.task in ("depth", "object") else 2
     if len(args.images) != needed:
         print(f"error: the {args.task} task takes {needed} image(s), got {len(args.images)}", file=sys.stderr)
         return 2
@@ -130,10 +142,13 @@ def run(args: argparse.Namespace) -> int:
         uv = query_grid(width, height, args.grid or 16, args.margin)
     depth = _reference_depth(args.depth, args.depth_scale)
     pose = np.loadtxt(args.relative_pose).reshape(4, 4) if args.relative_pose else None
-    if args.oracle and ((args.task == "depth" and depth is None) or (args.task == "pose" and pose is None)
+    if args.oracle and ((args.task in ("depth", "object") and depth is None) or (args.task == "pose" and pose is None)
                         or (args.task == "correspondence" and (depth is None or pose is None))):
-        print("error: --oracle needs --depth (depth), --relative-pose (pose) or both (correspondence)", file=sys.stderr)
+        print("error: --oracle needs --depth (depth, object), --relative-pose (pose) or both (correspondence)",
+              file=sys.stderr)
         return 2
+    if args.task == "object":
+        return _run_object(args, backend, images[0], cameras[0], depth)
     tokens = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
     try:
         if args.task == "depth":
@@ -173,7 +188,12 @@ def run(args: argparse.Namespace) -> int:
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    report = {"task": args.task, "backend": backend.describe(), "summary": summary, "rows": rows}
+    return _emit(args, {"task": args.task, "backend": backend.describe(), "summary": summary, "rows": rows}, [rows])
+
+
+def _emit(args: argparse.Namespace, report: dict, tables: list[list[dict]]) -> int:
+    """Write the report as JSON (``--json``) and, unless it went to stdout, print the tables and
+    the summary line."""
     if args.json:
         text = json.dumps(report, indent=2)
         if args.json == "-":
@@ -182,9 +202,59 @@ def run(args: argparse.Namespace) -> int:
             Path(args.json).write_text(text + "\n")
             print(f"wrote {args.json}")
     if args.json != "-":
-        _print_table(rows)
-        print("  ".join(f"{k}={v}" for k, v in summary.items()))
+        for k, table in enumerate(t for t in tables if t):
+            if k:
+                print()
+            _print_table(table)
+        print("  ".join(f"{k}={v}" for k, v in report["summary"].items()))
     return 0
+
+
+def _run_object(args: argparse.Namespace, backend: Any, image: np.ndarray, camera: Any, depth: Any) -> int:
+    from .. import protocol
+    from ..engine import EngineError, load_backend
+    from ..object_query import ObjectQuery
+
+    if not args.box:
+        print("error: --task object needs at least one --box X1 Y1 X2 Y2", file=sys.stderr)
+        return 2
+    names = [n.strip() for item in args.ask for n in item.split(",") if n.strip()]
+    try:
+        ids = [protocol.object_question_id(n) for n in names]
+    except protocol.ProtocolError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    relations = [q for q in dict.fromkeys(ids) if protocol.OBJECT_QUESTIONS[q].regions == 2]
+    try:
+        depth_backend = backend
+        if args.depth_model and not args.oracle:
+            depth_backend = load_backend("transformers", checkpoint=args.depth_model, device=args.device,
+                                         dtype=args.dtype, offline=not args.online)
+        tokens = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
+        query = ObjectQuery(backend, depth_backend=depth_backend, depth_grid=args.depth_grid, relations=relations,
+                            **tokens)
+        res = query.query(image, camera, args.box, reference_depth=depth)
+    except (EngineError, protocol.ProtocolError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    rows = [
+        {"box": [_num(v) for v in o.box], "width_m": _num(o.size[0]), "height_m": _num(o.size[1]),
+         "depth_m": _num(o.size[2]), "centre": [_num(c) for c in o.centre], "depth_answers": o.depth_samples,
+         "region": o.region, "answers": o.answers, "error": "; ".join(o.errors) or None}
+        for o in res.objects
+    ]
+    relation_rows = [
+        {"a": r.a, "b": r.b, "question": r.question,
+         "value": r.value if isinstance(r.value, (bool, type(None))) else _num(r.value),
+         "answer": r.answer, "error": r.error}
+        for r in res.relations
+    ]
+    summary = {"objects": len(rows), "measured": sum(o.valid for o in res.objects),
+               "parse_failures": res.parse_failures, "requests": len(res.responses)}
+    report = {"task": "object", "backend": backend.describe(), "summary": summary, "rows": rows,
+              "relations": relation_rows}
+    table = [{k: v for k, v in r.items() if k not in ("region", "answers")} for r in rows]
+    return _emit(args, report, [table, relation_rows])
 
 
 def _print_table(rows: list[dict]) -> None:

@@ -131,12 +131,12 @@ class TransformersBackend(Backend):
             [ids[n:] for ids in encoded.input_ids],
             max_new_tokens=request.max_new_tokens,
             eos_token_ids=self.eos_token_ids,
-            is_stopped=self._stop_check(request.spec),
+            is_stopped=self._stop_check(request.stop_strings),
             max_batch=self.max_batch,
             pad_token_id=self.pad_token_id,
         )
         timings = {"preprocess": t_encode, **result.timings, "total": time.perf_counter() - t0}
-        return self._response(request.spec, encoded, result.tokens, result.finish_reasons, timings, shared=n)
+        return self._response(request.stop_strings, encoded, result.tokens, result.finish_reasons, timings, shared=n)
 
     def answer_reference(self, request: Request) -> Response:
         """The reference way: full prompt through the processor and one ``generate`` per question.
@@ -167,7 +167,7 @@ class TransformersBackend(Backend):
                 reasons.append("eos" if generated and generated[-1] in self.eos_token_ids else "length")
         timings = {"total": time.perf_counter() - t0}
         response = Response(
-            answers=[self._text(request.spec, t) for t in tokens],
+            answers=[self._text(request.stop_strings, t) for t in tokens],
             prompt_tokens=prompt_lengths,
             generated_tokens=[len(t) for t in tokens],
             finish_reasons=reasons,
@@ -227,11 +227,10 @@ class TransformersBackend(Backend):
             raise EngineError(f"checkpoint {self.checkpoint.path} defines no end-of-turn token")
         return set(ids)
 
-    def _stop_check(self, spec: TaskSpec):
-        if not spec.stop_strings:
+    def _stop_check(self, stops: tuple[str, ...]):
+        if not stops:
             return None
         decode = self.tokenizer.decode
-        stops = spec.stop_strings
         last_chars = {s[-1] for s in stops}
 
         def stopped(tokens: list[int]) -> bool:
@@ -243,13 +242,13 @@ class TransformersBackend(Backend):
 
         return stopped
 
-    def _text(self, spec: TaskSpec, tokens: list[int]) -> str:
+    def _text(self, stops: tuple[str, ...], tokens: list[int]) -> str:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        return truncate_at_stop(text, spec.stop_strings)
+        return truncate_at_stop(text, stops)
 
-    def _response(self, spec, encoded, tokens, reasons, timings, shared: int) -> Response:
+    def _response(self, stops, encoded, tokens, reasons, timings, shared: int) -> Response:
         return Response(
-            answers=[self._text(spec, t) for t in tokens],
+            answers=[self._text(stops, t) for t in tokens],
             prompt_tokens=[len(ids) for ids in encoded.input_ids],
             generated_tokens=[len(t) for t in tokens],
             finish_reasons=list(reasons),

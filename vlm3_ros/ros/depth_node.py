@@ -36,7 +36,7 @@ from ..engine import Backend
 from ..odometry import select_query_pixels
 from ..pipeline import DepthEstimator
 from . import backends as backend_cache
-from .conversions import FrameRejected, cloud_msg, depth_metres, header, image_msg
+from .conversions import FrameRejected, cloud_msg, header, image_msg
 from .node_base import PerceptionNode
 from .params import DEPTH_NODE_PARAMS
 
@@ -101,12 +101,7 @@ class DepthNode(PerceptionNode):
         height, width = rgb.shape[:2]
         if not info.header.frame_id:
             raise FrameRejected("bad_camera_info", "camera_info has an empty frame_id; outputs need the optical frame")
-        reference = None
-        if "reference_depth" in messages:
-            reference = depth_metres(messages["reference_depth"])
-            if reference.shape != (height, width):
-                raise FrameRejected("reference_depth_size", f"reference depth is {reference.shape[1]}x"
-                                    f"{reference.shape[0]} but the image is {width}x{height}")
+        reference = self.reference_depth(messages, width, height)
         estimator = self._depth_estimator(values)
         uv = select_query_pixels(rgb, values["query_count"], values["query_margin"], values["query_method"])
         try:

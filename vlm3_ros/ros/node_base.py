@@ -38,7 +38,7 @@ from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackRet
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
 from ..camera import Intrinsics
-from .conversions import FrameRejected, check_image_size, image_rgb, intrinsics_for, stamp_ns
+from .conversions import FrameRejected, check_image_size, depth_metres, image_rgb, intrinsics_for, stamp_ns
 from .diagnostics import NodeStats, Throttle
 from .params import Param, ParameterGuard, declare
 from .qos import SMALL_MESSAGE_DEPTH, InputSubscription, stream_qos
@@ -266,6 +266,19 @@ class PerceptionNode(LifecycleNode):
         height, width = rgb.shape[:2]
         check_image_size(width, height, **limits)
         return rgb, intrinsics_for(info, width, height)
+
+    def reference_depth(self, messages: Dict[str, Any], width: int, height: int) -> Optional[Any]:
+        """The paired ``reference_depth`` in metres along z (None when there is none).
+
+        Raises :class:`FrameRejected` ``reference_depth_size`` when it is not ``width`` x ``height``.
+        """
+        if "reference_depth" not in messages:
+            return None
+        depth = depth_metres(messages["reference_depth"])
+        if depth.shape != (height, width):
+            raise FrameRejected("reference_depth_size", f"reference depth is {depth.shape[1]}x{depth.shape[0]} "
+                                f"but the image is {width}x{height}")
+        return depth
 
     # -- plumbing --------------------------------------------------------------------------------
 

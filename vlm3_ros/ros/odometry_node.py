@@ -47,7 +47,7 @@ from ..odometry import NoiseModel, OdometryConfig, OdometryError, OdometryFrame,
     xyz_rotation_to_pose
 from ..pipeline import CorrespondenceMatcher, DepthEstimator, PoseEstimator
 from . import backends as backend_cache
-from .conversions import FrameRejected, depth_metres, header, image_msg, odometry_msg, pose_matrix, stamp_seconds, \
+from .conversions import FrameRejected, header, image_msg, odometry_msg, pose_matrix, stamp_seconds, \
     transform_msg
 from .node_base import PerceptionNode
 from .params import ODOMETRY_NODE_PARAMS
@@ -206,13 +206,8 @@ class OdometryNode(PerceptionNode):
         camera_frame = values["camera_frame"] or info.header.frame_id
         if not camera_frame:
             raise FrameRejected("bad_camera_info", "camera_info has an empty frame_id and camera_frame is not set")
-        reference_pose = reference_depth = None
-        if "reference_pose" in messages:
-            reference_pose = pose_matrix(messages["reference_pose"])
-            reference_depth = depth_metres(messages["reference_depth"])
-            if reference_depth.shape != (height, width):
-                raise FrameRejected("reference_depth_size", f"reference depth is {reference_depth.shape[1]}x"
-                                    f"{reference_depth.shape[0]} but the image is {width}x{height}")
+        reference_pose = pose_matrix(messages["reference_pose"]) if "reference_pose" in messages else None
+        reference_depth = self.reference_depth(messages, width, height)
         T_base_camera = self.extrinsic.lookup(values["base_frame"], camera_frame)
         vo = self._odometry(odometry_config(values, T_base_camera), values)
         if self._reset_requested:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType, SetParametersResult
@@ -27,6 +27,7 @@ __all__ = [
     "DEPTH_NODE_PARAMS",
     "INPUT_PARAMS",
     "LIFECYCLE_PARAMS",
+    "OBJECT_NODE_PARAMS",
     "ODOMETRY_NODE_PARAMS",
     "Param",
     "ParameterGuard",
@@ -246,7 +247,33 @@ ODOMETRY_NODE_PARAMS: Tuple[Param, ...] = LIFECYCLE_PARAMS + BACKEND_PARAMS + IN
           "side with the correspondences drawn (inliers green)."),
 )
 
-TABLES: Dict[str, Tuple[Param, ...]] = {"depth_node": DEPTH_NODE_PARAMS, "odometry_node": ODOMETRY_NODE_PARAMS}
+# --- object node ---
+
+
+def _max_new_tokens(default: int) -> Tuple[Param, ...]:
+    """BACKEND_PARAMS with another default for max_new_tokens."""
+    return tuple(replace(p, default=default) if p.name == "max_new_tokens" else p for p in BACKEND_PARAMS)
+
+
+OBJECT_NODE_PARAMS: Tuple[Param, ...] = LIFECYCLE_PARAMS + _max_new_tokens(96) + INPUT_PARAMS + (
+    Param("depth_model", "", "Checkpoint for the depth questions inside each box (empty: model; the released "
+          "VLM3-object checkpoint needs VLM3-depth here).", read_only=True),
+    Param("depth_kind", "spec", "What a depth answer measures: spec (as the checkpoint's task spec says; ray "
+          "for VLM3), ray (distance from the camera centre) or z (along the optical axis).",
+          choices=("spec", "ray", "z")),
+    Param("depth_grid", 3, "Depth questions per box: depth_grid x depth_grid pixels over its centre.", range=(1, 8)),
+    Param("depth_inner", 0.5, "Fraction of the box (each side, centred) the depth pixels are spread over.",
+          range=(0.05, 1.0)),
+    Param("min_score", 0.0, "Detections whose best hypothesis scores lower are ignored.", range=(0.0, 1.0)),
+    Param("max_objects", 32, "Most detections measured per frame (highest scores first; the rest are dropped "
+          "and counted).", range=(1, 256)),
+    Param("publish_markers", True, "Publish objects/markers (boxes and labels for RViz) when subscribed."),
+    Param("publish_empty", True, "Publish an empty Detection3DArray when a frame has no detection or none "
+          "could be measured (otherwise nothing is published for that frame)."),
+)
+
+TABLES: Dict[str, Tuple[Param, ...]] = {"depth_node": DEPTH_NODE_PARAMS, "odometry_node": ODOMETRY_NODE_PARAMS,
+                                        "object_node": OBJECT_NODE_PARAMS}
 
 
 # ------------------------------------------------------------------------------------------------
