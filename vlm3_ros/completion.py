@@ -244,6 +244,7 @@ def _pixels(width: int, height: int) -> np.ndarray:
 
 
 _SUBPIXEL_BITS = 4
+_MAX_WALK = 16
 
 
 def _barycentric_of(tri, simplex: np.ndarray, pix: np.ndarray) -> np.ndarray:
@@ -261,7 +262,8 @@ def _barycentric_of(tri, simplex: np.ndarray, pix: np.ndarray) -> np.ndarray:
 def _locate(tri, width: int, height: int, pix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The triangle holding each pixel (-1 outside the convex hull) and the pixel's barycentric
     coordinates in it. Triangles are rasterised with OpenCV (fast, but a pixel on or next to an
-    edge may land in a neighbour); pixels not inside their triangle are located exactly by SciPy."""
+    edge may land in a neighbour); a pixel outside its triangle walks to the neighbour across the
+    edge it lies beyond until it is inside (or leaves the hull)."""
     labels = np.full((height, width), -1, dtype=np.int32)
     corners = np.round(tri.points[tri.simplices] * (1 << _SUBPIXEL_BITS)).astype(np.int32)
     for index, polygon in enumerate(corners):
@@ -270,12 +272,18 @@ def _locate(tri, width: int, height: int, pix: np.ndarray) -> tuple[np.ndarray, 
     bary = np.full((len(pix), 3), np.nan)
     found = simplex >= 0
     bary[found] = _barycentric_of(tri, simplex[found], pix[found])
-    check = found & ~(np.nan_to_num(bary, nan=-1.0).min(axis=1) >= -1e-9)
-    if check.any():
-        simplex[check] = tri.find_simplex(pix[check])
-        again = check & (simplex >= 0)
-        bary[check] = np.nan
-        bary[again] = _barycentric_of(tri, simplex[again], pix[again])
+    for _ in range(_MAX_WALK):
+        wrong = np.flatnonzero((simplex >= 0) & ~(np.nan_to_num(bary, nan=-1.0).min(axis=1) >= -1e-9))
+        if not len(wrong):
+            break
+        # The neighbour opposite the corner with the most negative coordinate (-1: outside the hull).
+        step = tri.neighbors[simplex[wrong], np.argmin(np.nan_to_num(bary[wrong], nan=-1.0), axis=1)]
+        simplex[wrong] = step
+        bary[wrong] = np.nan
+        moved = wrong[step >= 0]
+        bary[moved] = _barycentric_of(tri, simplex[moved], pix[moved])
+    else:  # still not inside after the walk (degenerate slivers): treated as outside
+        simplex[(simplex >= 0) & ~(np.nan_to_num(bary, nan=-1.0).min(axis=1) >= -1e-9)] = -1
     return simplex, bary
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "DepthResult",
     "PoseEstimator",
     "PoseResult",
+    "dense_rounds",
     "query_grid",
 ]
 
@@ -57,6 +58,17 @@ def query_grid(width: int, height: int, count: int, margin: float = 0.05) -> np.
     ys = np.linspace(y0, y1, rows) if rows > 1 else np.array([(y0 + y1) / 2])
     grid = np.stack(np.meshgrid(np.round(xs), np.round(ys)), axis=-1).reshape(-1, 2)
     return grid.astype(np.float64)
+
+
+def dense_rounds(total: int, share: float) -> tuple[int, int]:
+    """Pixels asked in the first (grid) and the second (adaptive) round when ``total`` questions are
+    asked about a frame and a ``share`` of them come second."""
+    if total < 1:
+        raise ValueError(f"total questions must be >= 1, got {total}")
+    if not 0 <= share < 1:
+        raise ValueError(f"second-round share must be in [0, 1), got {share}")
+    second = min(int(round(total * share)), total - 1)
+    return total - second, second
 
 
 def _ask(backend: Backend, images, questions, spec: TaskSpec, max_new_tokens: int, gt: GroundTruth | None) -> Response:
