@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lower-band", type=float, default=0.0, help="adaptive round: extra weight of the lower third")
     parser.add_argument("--raw-colour", action="store_true", help="do not register 7-Scenes colour onto depth")
     parser.add_argument("--json", type=Path, help="write the results as JSON to this path")
-    parser.add_argument("--plot", type=Path, help="write a PNG of one frame (image, ground truth, maps, errors)")
+    parser.add_argument("--plot", type=Path, help="write a PNG (or .jpg) of one frame (image, ground truth, maps, errors)")
     parser.add_argument("--plot-frame", type=int, help="frame id of the plot (default: the first used)")
     parser.add_argument("--plot-points", type=int, default=256, help="N of the plot (adaptive)")
 
@@ -109,10 +109,13 @@ def _plot(path: Path, frame: int, rgb, depth, evaluated, points: int, min_confid
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=70)
+    data = io.BytesIO()
+    if path.suffix.lower() in (".jpg", ".jpeg"):  # compact, for documentation
+        fig.savefig(data, format="jpeg", dpi=60, pil_kwargs={"quality": 80})
+    else:
+        fig.savefig(data, format="png", dpi=70)
     plt.close(fig)
-    write_atomic(path, png.getvalue())
+    write_atomic(path, data.getvalue())
 
 
 def run(args: argparse.Namespace) -> int:
