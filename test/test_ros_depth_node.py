@@ -412,3 +412,7 @@ def test_dense_outputs_are_off_by_default_and_follow_their_parameters(ros, perce
     assert 0 < len(xyz) <= (320 // 8) * (240 // 8) and np.all(cols % 8 == 0) and np.all(rows % 8 == 0)
     assert np.mean(np.abs(z / depth[rows, cols] - 1) < 0.02) > 0.99  # on the plane or on the box
     assert len(xyz) == np.isfinite(msg_codec.decode_image(out["dense"].with_stamp(3.0)[0])[::8, ::8]).sum()
+    name = node.get_fully_qualified_name()
+    assert ros.spin_until(lambda: (diagnostic_values(out["diagnostics"], name) or {}).get("dense_questions") == "26+14", 5)
+    kept = float(diagnostic_values(out["diagnostics"], name)["dense_kept"])
+    assert kept == pytest.approx(np.isfinite(msg_codec.decode_image(out["dense"].with_stamp(3.0)[0])).mean(), abs=1e-3)

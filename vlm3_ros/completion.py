@@ -338,6 +338,15 @@ def interpolate_linear(uv: Any, z: Any, width: int, height: int) -> np.ndarray:
     return out.reshape(height, width).astype(np.float32)
 
 
+def _smoother(guide: np.ndarray, config: CompletionConfig) -> Any:
+    ximgproc = getattr(cv2, "ximgproc", None)
+    if ximgproc is None:
+        raise CompletionError(f"OpenCV {cv2.__version__} here has no contrib modules (cv2.ximgproc); dense depth "
+                              "needs them: pip install opencv-contrib-python-headless (instead of "
+                              "opencv-python-headless), or the distribution's python3-opencv")
+    return ximgproc.createFastGlobalSmootherFilter(guide, float(config.smoothness), float(config.color_sigma))
+
+
 def _edge_aware(guide: np.ndarray, uv: np.ndarray, w: np.ndarray, config: CompletionConfig) -> np.ndarray:
     """Normalized convolution of the inverse depths with the fast global smoother (image-guided)."""
     height, width = guide.shape[:2]
@@ -346,8 +355,7 @@ def _edge_aware(guide: np.ndarray, uv: np.ndarray, w: np.ndarray, config: Comple
     rows = np.clip(np.round(uv[:, 1]).astype(int), 0, height - 1)
     np.add.at(data, (rows, cols, 0), w.astype(np.float32))
     np.add.at(data, (rows, cols, 1), 1.0)
-    smoother = cv2.ximgproc.createFastGlobalSmootherFilter(guide, float(config.smoothness), float(config.color_sigma))
-    filtered = smoother.filter(data)
+    filtered = _smoother(guide, config).filter(data)
     support = filtered[..., 1].astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         out = filtered[..., 0] / support

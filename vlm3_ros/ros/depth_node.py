@@ -67,6 +67,7 @@ class DepthNode(PerceptionNode):
         self.backend: Optional[Backend] = None
         self._estimator: Optional[DepthEstimator] = None
         self._estimator_key: Any = None
+        self._dense_stats: Dict[str, Any] = {}
         super().__init__(node_name, DEPTH_NODE_PARAMS, **node_kwargs)
         if self.params["backend"] == "oracle":
             self.subscribe_stream(Image, "reference_depth", "reference_depth")
@@ -80,6 +81,10 @@ class DepthNode(PerceptionNode):
 
     def extra_streams(self, values: Dict[str, Any]) -> Sequence[str]:
         return ("reference_depth",) if values["backend"] == "oracle" else ()
+
+    def diagnostic_values(self) -> Dict[str, Any]:
+        """The last dense frame: questions per round and the share of pixels kept in depth/dense."""
+        return dict(self._dense_stats)
 
     def backend_description(self) -> str:
         return backend_cache.settings_from_params(self.params.snapshot()).describe()
@@ -166,6 +171,10 @@ class DepthNode(PerceptionNode):
     def _publish_dense(self, dense: DenseResult, values: Dict[str, Any], hdr: Any, info: CameraInfo) -> None:
         """depth/dense (+ camera info) and points_dense, as the dense.* parameters say."""
         threshold = values["dense.min_confidence"]
+        self._dense_stats = {
+            "dense_questions": f"{dense.first_round}+{dense.second_round}",
+            "dense_kept": round(float(np.mean(dense.dense.confidence >= threshold)), 4),
+        }
         if values["dense.enabled"]:
             self.dense_pub.publish(image_msg(dense.dense.masked(threshold), "32FC1", hdr))
             self.dense_info_pub.publish(info)
