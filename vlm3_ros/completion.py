@@ -343,7 +343,7 @@ def _smoother(guide: np.ndarray, config: CompletionConfig) -> Any:
     if ximgproc is None:
         raise CompletionError(f"OpenCV {cv2.__version__} here has no contrib modules (cv2.ximgproc); dense depth "
                               "needs them: pip install opencv-contrib-python-headless (instead of "
-                              "opencv-python-headless), or the distribution's python3-opencv")
+                              "opencv-python-headless) or a python3-opencv built with the contrib modules")
     return ximgproc.createFastGlobalSmootherFilter(guide, float(config.smoothness), float(config.color_sigma))
 
 
