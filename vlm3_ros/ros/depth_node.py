@@ -171,12 +171,11 @@ class DepthNode(PerceptionNode):
     def _publish_dense(self, dense: DenseResult, values: Dict[str, Any], hdr: Any, info: CameraInfo) -> None:
         """depth/dense (+ camera info) and points_dense, as the dense.* parameters say."""
         threshold = values["dense.min_confidence"]
-        self._dense_stats = {
-            "dense_questions": f"{dense.first_round}+{dense.second_round}",
-            "dense_kept": round(float(np.mean(dense.dense.confidence >= threshold)), 4),
-        }
+        kept = dense.dense.masked(threshold)
+        self._dense_stats = {"dense_questions": f"{dense.first_round}+{dense.second_round}",
+                             "dense_kept": round(float(np.isfinite(kept).mean()), 4)}
         if values["dense.enabled"]:
-            self.dense_pub.publish(image_msg(dense.dense.masked(threshold), "32FC1", hdr))
+            self.dense_pub.publish(image_msg(kept, "32FC1", hdr))
             self.dense_info_pub.publish(info)
         if values["dense.cloud"]:
             points, _ = dense.points(step=values["dense.cloud_step"], min_confidence=threshold)
