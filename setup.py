@@ -23,7 +23,9 @@ setup(
         "setuptools",
         "numpy>=1.24",
         "scipy>=1.10",
-        "opencv-python-headless>=4.8",
+        # With the contrib modules (cv2.ximgproc: the edge-aware smoother of the depth completion).
+        # Never together with opencv-python(-headless): both install the cv2 package.
+        "opencv-contrib-python-headless>=4.8",
         "pyyaml>=6",
         "pillow>=10",
         "rosbags>=0.10",

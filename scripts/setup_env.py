@@ -131,6 +131,24 @@ EXTRA_REQUIREMENTS = [
     "pytest",
 ]
 
+# OpenCV wheels that install the same ``cv2`` package as the one the project needs
+# (opencv-contrib-python-headless, for cv2.ximgproc); two of them in one venv overwrite each other's
+# files and removing one breaks the other, so any of these is removed before the project is installed.
+OPENCV_WHEEL = "opencv-contrib-python-headless"
+CLASHING_OPENCV_WHEELS = ["opencv-python", "opencv-python-headless", "opencv-contrib-python"]
+OPENCV_CHECK = (
+    "import importlib.metadata as m, cv2\n"
+    "cv2.ximgproc.createFastGlobalSmootherFilter\n"
+    "clash = []\n"
+    f"for name in {CLASHING_OPENCV_WHEELS!r}:\n"
+    "    try:\n"
+    "        m.version(name)\n"
+    "        clash.append(name)\n"
+    "    except m.PackageNotFoundError:\n"
+    "        pass\n"
+    "assert not clash, 'installed beside ' + " + repr(OPENCV_WHEEL) + " + ' (both own cv2): ' + ', '.join(clash)\n"
+)
+
 ROS_MESSAGE_MODULES = [
     "std_msgs.msg",
     "sensor_msgs.msg",
@@ -653,12 +671,31 @@ def _project_checks(ctx: Context) -> List[Tuple[str, str]]:
                                             "transformers", "vlm3_ros")]
     checks += [("find", name) for name in ("datasets", "matplotlib", "tqdm", "hypothesis", "pytest",
                                            "peft", "accelerate", "safetensors")]
-    checks += [("under", f"vlm3_ros={REPO}"), ("file", "bin/vlm3-ros")]
+    checks += [("under", f"vlm3_ros={REPO}"), ("file", "bin/vlm3-ros"), ("exec", OPENCV_CHECK)]
     return checks
+
+
+def _installed(names: Sequence[str]) -> List[str]:
+    """Which of these distributions the venv has."""
+    code = ("import importlib.metadata as m, json, sys\nfound = []\nfor n in json.loads(sys.argv[1]):\n"
+            "    try:\n        m.version(n); found.append(n)\n    except m.PackageNotFoundError:\n        pass\n"
+            "print(json.dumps(found))")
+    try:
+        done = subprocess.run([str(venv_python()), "-c", code, json.dumps(list(names))], capture_output=True,
+                              text=True, env=child_env(), timeout=120, cwd=tempfile.gettempdir())
+        return json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else []
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        return []
 
 
 def step_project(ctx: Context) -> None:
     """Install vlm3_ros in editable mode with its model and test extras."""
+    clashing = _installed(CLASHING_OPENCV_WHEELS)
+    if clashing:
+        # They share the cv2 package with the contrib wheel: remove them all (and the contrib wheel,
+        # whose files they may have overwritten) so that the install below leaves one intact cv2.
+        say(f"  replacing {', '.join(clashing)} by {OPENCV_WHEEL} (both install cv2)")
+        ctx.pip(["uninstall", "-y", *clashing, *_installed([OPENCV_WHEEL])], "project", log_name="project-opencv")
     constraints = ctx.constraints()
     ctx.pip(["install", "-c", constraints, "-e", f".[{PROJECT_EXTRAS}]", *EXTRA_REQUIREMENTS], "project")
 

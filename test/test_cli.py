@@ -101,3 +101,23 @@ def test_bench_reports_identical_answers(tiny_checkpoint, tmp_path):
         assert r["identical_answers"] is True
         assert r["ratio"] == pytest.approx(r["engine_points_per_s"] / r["reference_points_per_s"], rel=1e-9)
         assert set(r) >= {"points", "reference_points_per_s", "engine_points_per_s", "ratio", "identical_answers"}
+
+
+def test_bench_dense_on_real_frames(sevenscenes, tmp_path, capsys):
+    """vlm3-ros bench-dense in oracle mode on two real frames: both modes, the completion ahead of
+    linear interpolation of the same answers, a JSON report and a plot."""
+    out, plot = tmp_path / "dense.json", tmp_path / "dense.png"
+    assert main(["bench-dense", str(sevenscenes.root), "--points", "128", "--frame-step", "25", "--json", str(out),
+                 "--plot", str(plot), "--plot-points", "128"]) == 0
+    report = json.loads(out.read_text())
+    assert report["info"]["frames"] == 2 and report["info"]["answers"] == "oracle"
+    rows = report["results"]
+    assert [(r["points"], r["mode"]) for r in rows] == [(128, "grid"), (128, "adaptive")]
+    assert rows[1]["rounds"] == [83, 45] and rows[1]["questions_per_frame"] == 128
+    for row in rows:
+        assert row["dense"]["delta1"] > row["linear"]["delta1"] and row["dense"]["abs_rel"] < row["linear"]["abs_rel"]
+        assert row["sparse"]["delta1"] == 1.0 and row["dense"]["coverage"] == 1.0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| 128 | adaptive 83+45 |" in capsys.readouterr().out
+    assert main(["bench-dense", str(tmp_path / "missing")]) == 2
+    assert main(["bench-dense", str(sevenscenes.root), "--share", "1.0"]) == 2

@@ -4,7 +4,10 @@ Each pipeline prepares the image(s) as its task spec says, turns the requested o
 pixels into the task's text coordinates, asks the backend all questions of the frame in one
 request, parses the answers and maps them back into the original camera's geometry:
 
-* :class:`DepthEstimator`: sparse metric depth -> 3D points in the camera's optical frame;
+* :class:`DepthEstimator`: sparse metric depth -> 3D points in the camera's optical frame, and
+  dense depth (:meth:`DepthEstimator.estimate_dense`): the answers completed into a depth map
+  guided by the image (:mod:`vlm3_ros.completion`), optionally after a second round of questions
+  about the same frame where the first round's completion is least certain;
 * :class:`CorrespondenceMatcher`: pixels of image 1 -> matching pixels of image 2;
 * :class:`PoseEstimator`: the relative pose of camera 2 with respect to camera 1.
 
@@ -21,16 +24,19 @@ import numpy as np
 
 from . import protocol
 from .camera import Intrinsics, PreparedImage, prepare_depth, prepare_image
+from .completion import AdaptiveConfig, CompletionConfig, DenseDepth, complete_depth, select_adaptive_pixels
 from .engine.base import Backend, GroundTruth, Request, Response
 from .protocol import AnswerParseError, RelativePose, TaskSpec
 
 __all__ = [
     "CorrespondenceMatcher",
     "CorrespondenceResult",
+    "DenseResult",
     "DepthEstimator",
     "DepthResult",
     "PoseEstimator",
     "PoseResult",
+    "dense_rounds",
     "query_grid",
 ]
 
@@ -54,14 +60,25 @@ def query_grid(width: int, height: int, count: int, margin: float = 0.05) -> np.
     return grid.astype(np.float64)
 
 
+def dense_rounds(total: int, share: float) -> tuple[int, int]:
+    """Pixels asked in the first (grid) and the second (adaptive) round when ``total`` questions are
+    asked about a frame and a ``share`` of them come second."""
+    if total < 1:
+        raise ValueError(f"total questions must be >= 1, got {total}")
+    if not 0 <= share < 1:
+        raise ValueError(f"second-round share must be in [0, 1), got {share}")
+    second = min(int(round(total * share)), total - 1)
+    return total - second, second
+
+
 def _ask(backend: Backend, images, questions, spec: TaskSpec, max_new_tokens: int, gt: GroundTruth | None) -> Response:
     return backend.answer(
         Request(images=images, questions=questions, spec=spec, max_new_tokens=max_new_tokens, ground_truth=gt)
     )
 
 
-def _rgb(prepared: PreparedImage) -> np.ndarray:
-    image = prepared.image
+def _rgb(prepared: PreparedImage | Any) -> np.ndarray:
+    image = prepared.image if isinstance(prepared, PreparedImage) else prepared
     if not isinstance(image, np.ndarray):  # a torch tensor prepared on the GPU
         image = image.detach().cpu().numpy()
     if image.ndim == 2:
@@ -132,6 +149,53 @@ class DepthResult:
         ok = (cols >= 0) & (cols < width) & (rows >= 0) & (rows < height)
         image[rows[ok], cols[ok]] = self.z[self.valid][ok]
         return image
+
+    def merged(self, other: "DepthResult") -> "DepthResult":
+        """The answers of both results (same prepared image), this one's first."""
+        if other.prepared is not self.prepared:
+            raise ValueError("only results about the same prepared image can be merged")
+        return DepthResult(
+            uv_query=np.concatenate([self.uv_query, other.uv_query]),
+            uv=np.concatenate([self.uv, other.uv]),
+            distance=np.concatenate([self.distance, other.distance]),
+            z=np.concatenate([self.z, other.z]),
+            points=np.concatenate([self.points, other.points]),
+            valid=np.concatenate([self.valid, other.valid]),
+            answers=self.answers + other.answers,
+            errors=self.errors + other.errors,
+            prepared=self.prepared,
+            response=self.response,
+        )
+
+
+@dataclass
+class DenseResult:
+    """Dense depth of one frame: every answer (``sparse``, both rounds), their completion
+    (``dense``, in the original image's pixel grid) and how many pixels each round asked about."""
+
+    sparse: DepthResult
+    dense: DenseDepth
+    first_round: int
+    second_round: int
+    responses: list[Response] = field(default_factory=list)
+
+    def points(self, step: int = 1, min_confidence: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+        """The dense depth as 3D points in the camera's optical frame: every ``step``-th pixel in
+        each direction whose confidence is at least ``min_confidence``. Returns (points (N, 3),
+        their original-image pixels (N, 2)); pixels are back-projected exactly through the camera
+        model (lens distortion included)."""
+        if step < 1:
+            raise ValueError(f"step must be >= 1, got {step}")
+        height, width = self.dense.depth.shape
+        rows, cols = np.mgrid[0:height:step, 0:width:step]
+        rows, cols = rows.ravel(), cols.ravel()
+        z = self.dense.depth[rows, cols].astype(np.float64)
+        keep = np.isfinite(z) & (z > 0) & (self.dense.confidence[rows, cols] >= min_confidence)
+        uv = np.column_stack([cols[keep], rows[keep]]).astype(np.float64)
+        prepared = self.sparse.prepared
+        rays = np.linalg.solve(prepared.intrinsics.K, np.column_stack([prepared.mapping.to_prepared(uv),
+                                                                       np.ones(len(uv))]).T).T
+        return rays / rays[:, 2:3] * z[keep, None], uv
 
 
 class DepthEstimator:
@@ -218,6 +282,42 @@ class DepthEstimator:
             prepared=prepared,
             response=response,
         )
+
+
+    def estimate_dense(
+        self,
+        image: Any,
+        intrinsics: Intrinsics,
+        uv: np.ndarray,
+        *,
+        second_round: int = 0,
+        reference_depth: np.ndarray | None = None,
+        completion: CompletionConfig | None = None,
+        adaptive: AdaptiveConfig | None = None,
+    ) -> DenseResult:
+        """Dense depth of a frame: depth at original pixels ``uv`` (the first round), completed
+        into a depth map guided by ``image``; with ``second_round`` > 0, that many more pixels are
+        then chosen where the completion is least certain
+        (:func:`~vlm3_ros.completion.select_adaptive_pixels`), asked about the same prepared image
+        (the engine reuses the image prefix of the first round) and everything is completed again.
+        """
+        prepared = self.prepare(image, intrinsics)
+        guide = _rgb(image)
+        first = self.estimate(image, intrinsics, uv, reference_depth=reference_depth, prepared=prepared)
+        responses = [first.response] if first.response is not None else []
+        dense = complete_depth(guide, first.uv[first.valid], first.z[first.valid], completion)
+        result, asked_second = first, 0
+        if second_round > 0:
+            asked = first.uv_query[np.all(np.isfinite(first.uv_query), axis=1)]
+            uv2 = select_adaptive_pixels(dense, asked, second_round, adaptive, image=guide)
+            if len(uv2):
+                second = self.estimate(image, intrinsics, uv2, reference_depth=reference_depth, prepared=prepared)
+                if second.response is not None:
+                    responses.append(second.response)
+                result, asked_second = first.merged(second), len(uv2)
+                dense = complete_depth(guide, result.uv[result.valid], result.z[result.valid], completion)
+        return DenseResult(sparse=result, dense=dense, first_round=len(first.uv_query), second_round=asked_second,
+                           responses=responses)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-HELP = "evaluate a checkpoint (or the oracle) on VLM3 datasets or rosbag2 recordings: depth, correspondence, pose, trajectory"
+HELP = ("evaluate a checkpoint (or the oracle) on VLM3 datasets or rosbag2 recordings: depth, correspondence, pose, "
+        "trajectory, dense depth")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--correspondence-gap", type=int, default=5, help="bags: frame gap of correspondence pairs (default 5)")
     parser.add_argument("--frame-stride", type=int, default=1, help="bags: use every n-th frame (default 1)")
     parser.add_argument("--keep-dataset", help="bags: keep the converted dataset at this path")
+    parser.add_argument("--dense", type=int, default=0, metavar="N",
+                        help="bags: also score dense depth from N questions per frame (grid + adaptive second round, "
+                             "as the depth node) against each frame's depth image (0: off)")
+    parser.add_argument("--dense-share", type=float, default=0.35, help="bags: share of the N asked in the second round")
+    parser.add_argument("--dense-frames", type=int, default=0, help="bags: at most this many frames per bag for dense "
+                        "depth (0: all; --frame-stride applies)")
     parser.add_argument("--no-plots", action="store_true", help="write report.json only")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -48,7 +55,16 @@ def run(args: argparse.Namespace) -> int:
         print("vlm3-train eval: give either dataset directories or --bag, not both", file=sys.stderr)
         return 2
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    if args.dense and not args.bag:
+        print("vlm3-train eval: --dense needs --bag (frames with a full depth image)", file=sys.stderr)
+        return 2
     try:
+        dense = None
+        if args.dense:
+            from .dense_eval import DenseOptions
+
+            dense = DenseOptions(points=args.dense, share=args.dense_share, frame_stride=args.frame_stride,
+                                 max_frames=args.dense_frames)
         if args.oracle:
             backend = load_backend("oracle")
         else:
@@ -59,13 +75,13 @@ def run(args: argparse.Namespace) -> int:
         if args.bag:
             report = evaluate_bags(backend, args.bag, args.output, points_per_image=args.points, pose_gap=args.pose_gap,
                                    correspondence_gap=args.correspondence_gap, frame_stride=args.frame_stride,
-                                   keep_dataset=args.keep_dataset, **common)
+                                   keep_dataset=args.keep_dataset, dense=dense, **common)
         else:
             report = evaluate_datasets(backend, args.data, args.output, split=args.split, **common)
     except (EvalError, EngineError, ValueError) as exc:
         print(f"vlm3-train eval: {exc}", file=sys.stderr)
         return 2
-    summary = {k: report[k] for k in ("depth", "correspondence", "pose") if k in report}
+    summary = {k: report[k] for k in ("depth", "correspondence", "pose", "dense") if k in report}
     if "trajectory" in report:
         summary["trajectory"] = {k: v for k, v in report["trajectory"].items() if k != "trajectories"}
     print(json.dumps({"output": args.output, "samples": report["samples"], **summary}, indent=2))

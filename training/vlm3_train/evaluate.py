@@ -566,11 +566,13 @@ def evaluate_bags(backend: Backend, bags: Sequence[str | os.PathLike[str]], outp
                   oracle: bool = False, tasks: Sequence[str] | None = None, points_per_image: int = 10,
                   pose_gap: int = 1, correspondence_gap: int = 5, frame_stride: int = 1,
                   convert_options: Mapping[str, Any] | None = None, keep_dataset: str | os.PathLike[str] | None = None,
-                  **kwargs: Any) -> dict[str, Any]:
+                  dense: Any = None, **kwargs: Any) -> dict[str, Any]:
     """Convert bags with the backend's task specs (consecutive pose pairs ``pose_gap`` apart) and
     evaluate on every sample (split ``all``); other arguments as :func:`evaluate_datasets`.
 
-    ``keep_dataset``: also keep the converted dataset at this path.
+    ``keep_dataset``: also keep the converted dataset at this path. ``dense``: a
+    :class:`vlm3_train.dense_eval.DenseOptions` to also score dense depth against each frame's
+    depth image (report section ``dense``).
     """
     from .convert import ConvertOptions, TASK_NAMES, convert_bags
 
@@ -588,6 +590,10 @@ def evaluate_bags(backend: Backend, bags: Sequence[str | os.PathLike[str]], outp
         target = Path(keep_dataset) if keep_dataset else Path(tmp) / "dataset"
         converted = convert_bags(bags, target, options, overwrite=bool(keep_dataset), progress=progress)
         kwargs.setdefault("split", "all")
-        return evaluate_datasets(backend, [converted.path], output, oracle=oracle,
-                                 extra={"bags": [str(b) for b in bags], "conversion": converted.summary.get("samples")},
-                                 **kwargs)
+        extra: dict[str, Any] = {"bags": [str(b) for b in bags], "conversion": converted.summary.get("samples")}
+        if dense is not None:
+            from .dense_eval import evaluate_dense_bags
+
+            extra["dense"] = evaluate_dense_bags(backend, bags, dense, oracle=oracle,
+                                                 topics=dict(convert_options or {}).get("topics"))
+        return evaluate_datasets(backend, [converted.path], output, oracle=oracle, extra=extra, **kwargs)

@@ -118,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
 
     torch.manual_seed(0)
     model = args.model or str(_bench_model(args.preset))
-    backend = TransformersBackend(model, device=args.device, dtype=args.dtype, max_batch=args.max_batch)
+    # No prefix cache: every N must encode and prefill the image itself, as in the reference.
+    backend = TransformersBackend(model, device=args.device, dtype=args.dtype, max_batch=args.max_batch, prefix_cache=0)
     device = backend.device
     if args.image:
         import cv2

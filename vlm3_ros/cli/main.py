@@ -17,6 +17,7 @@ from typing import Mapping, Sequence
 COMMANDS = {
     "query": "query",
     "bench": "bench",
+    "bench-dense": "bench_dense",
     "perception": "perception",
     "bag": "bag",
     "play": "play",

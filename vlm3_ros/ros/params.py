@@ -203,6 +203,20 @@ DEPTH_NODE_PARAMS: Tuple[Param, ...] = LIFECYCLE_PARAMS + BACKEND_PARAMS + INPUT
     Param("publish_rgb", False, "Add a packed rgb field (the image colour at each point) to the cloud."),
     Param("publish_empty", True, "Publish an empty cloud and an all-NaN depth image when no answer of a frame "
           "can be used (otherwise nothing is published for that frame)."),
+) + (
+    # Dense depth: the answers completed into a depth map guided by the image (vlm3_ros.completion).
+    Param("dense.enabled", False, "Complete each frame's answers into dense depth and publish depth/dense "
+          "(32FC1, NaN below dense.min_confidence) with depth/dense/camera_info."),
+    Param("dense.cloud", False, "Publish points_dense: the dense depth as a decimated PointCloud2 (x, y, z) "
+          "of the pixels kept in depth/dense (computes the completion even when dense.enabled is false)."),
+    Param("dense.cloud_step", 4, "points_dense takes every n-th pixel in each direction.", range=(1, 64)),
+    Param("dense.min_confidence", 0.5, "Pixels whose completion confidence is below this are NaN (unknown) in "
+          "depth/dense and left out of points_dense.", range=(0.0, 1.0)),
+    Param("dense.adaptive_share", 0.35, "With dense outputs on: share of query_count asked in a second round "
+          "about the same image, where the first round's completion is least certain (0: one round on the "
+          "grid).", range=(0.0, 0.9)),
+    Param("dense.lower_band_weight", 0.0, "Second round: extra weight of the lower third of the image (where "
+          "a ground robot drives; 1 doubles its share).", range=(0.0, 10.0)),
 )
 
 ODOMETRY_NODE_PARAMS: Tuple[Param, ...] = LIFECYCLE_PARAMS + BACKEND_PARAMS + INPUT_PARAMS + QUERY_PARAMS + (
