@@ -21,7 +21,7 @@ from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
 from ..camera import Intrinsics
-from .conversions import FrameRejected, check_image_size, image_rgb, intrinsics_for, stamp_ns
+from .conversions import FrameRejected, check_image_size, image_rgb, image_size, intrinsics_for, stamp_ns
 from .diagnostics import NodeStats, Throttle
 from .params import Param, ParameterGuard, declare
 from .qos import SMALL_MESSAGE_DEPTH, stream_qos
@@ -29,6 +29,9 @@ from .sync import StampSync
 from .worker import LatestWorker
 
 __all__ = ["PerceptionNode"]
+
+#: Seconds a node waits at shutdown for the frame in progress (a CPU model can take several seconds).
+STOP_TIMEOUT_S = 30.0
 
 
 class PerceptionNode(Node):
@@ -50,11 +53,9 @@ class PerceptionNode(Node):
         self.stats = NodeStats(self.get_fully_qualified_name(), self.streams)
         self.input_qos = stream_qos(values["input_reliability"], values["input_depth"])
         self.output_qos = stream_qos(values["output_reliability"], values["output_depth"])
-        self._newest_ns: Optional[int] = None
-        self.time_jumps = 0
-        self._jump_pending = False
-        # Input callbacks only pair messages (thread-safe); in a reentrant group a multi-threaded
-        # executor runs them side by side, so a busy image callback never starves camera_info.
+        self._epoch = 0  # the sync's timeline of the last frame served (see _run_frame)
+        # Input callbacks only pair messages (thread-safe, no decoding: the worker decodes the one frame
+        # it serves); in a reentrant group a multi-threaded executor may also run them side by side.
         self.input_group = ReentrantCallbackGroup()
         if values["compressed_input"]:
             self.subscribe_stream(CompressedImage, "image/compressed", "image")
@@ -62,7 +63,7 @@ class PerceptionNode(Node):
             self.subscribe_stream(Image, "image", "image")
         self.subscribe_stream(CameraInfo, "camera_info", "camera_info", small=True)
         self.worker = LatestWorker(self._run_frame, name=f"{node_name}_worker", on_error=self._on_worker_error,
-                                   setup=self.setup)
+                                   setup=self._setup)
         self._diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         # Diagnostics run on the steady clock: they report while a bag is paused or over, even with
         # use_sim_time (their header stamp is still the node's clock).
@@ -79,6 +80,9 @@ class PerceptionNode(Node):
         """Cross-parameter checks of a candidate set; an error message rejects it."""
         if values["backend"] == "transformers" and not values.get("model"):
             return "backend 'transformers' needs the model parameter (a checkpoint directory or hub id)"
+        if values["min_image_side"] > values["max_image_side"]:
+            return (f"min_image_side {values['min_image_side']} is larger than max_image_side "
+                    f"{values['max_image_side']}: every image would be rejected")
         return None
 
     def params_changed(self, names: Sequence[str]) -> None:
@@ -92,7 +96,9 @@ class PerceptionNode(Node):
         raise NotImplementedError
 
     def time_jumped(self) -> None:
-        """Stamps went back in time by more than ``sync_expiry`` (a bag restarted): forget state tied to time."""
+        """A stream's stamps went back by more than ``sync_expiry`` (a bag restarted): forget state tied to time.
+
+        Called on the worker thread before the first frame of the new timeline."""
 
     def diagnostic_values(self) -> Dict[str, Any]:
         """Extra key/values for the node's diagnostics."""
@@ -108,7 +114,9 @@ class PerceptionNode(Node):
         self.worker.start()
 
     def destroy_node(self) -> None:
-        self.worker.stop(timeout=2.0)
+        # The frame in progress finishes first: a worker left inside the model while the process exits
+        # aborts it (torch's threads are torn down under it), and its outputs need the publishers.
+        self.worker.stop(timeout=STOP_TIMEOUT_S)
         super().destroy_node()
 
     # -- helpers for process() -------------------------------------------------------------------
@@ -116,13 +124,13 @@ class PerceptionNode(Node):
     def decode_frame(self, messages: Dict[str, Any], values: Dict[str, Any]) -> Tuple[Any, Intrinsics]:
         """The paired image as RGB and its intrinsics, after the size and calibration checks.
 
-        Raises :class:`FrameRejected`: ``image_size`` (outside min/max_image_side, checked before
+        Raises :class:`FrameRejected`: ``image_size`` (outside min/max_image_side or an aspect
+        ratio the models refuse; checked from the header, compressed images included, before any
         decoding), ``bad_image``, ``camera_info_size``, ``bad_camera_info``.
         """
         image, info = messages["image"], messages["camera_info"]
         limits = {"min_side": values["min_image_side"], "max_side": values["max_image_side"]}
-        if hasattr(image, "encoding"):
-            check_image_size(int(image.width), int(image.height), **limits)
+        check_image_size(*image_size(image), **limits)
         rgb = image_rgb(image)
         height, width = rgb.shape[:2]
         check_image_size(width, height, **limits)
@@ -151,39 +159,51 @@ class PerceptionNode(Node):
             self.throttle.period = values["warn_throttle"]
         self.params_changed(names)
 
+    @property
+    def time_jumps(self) -> int:
+        """Times a stream's own stamps went back (a bag restarted); see :mod:`.sync`."""
+        return self.sync.counters.time_jumps
+
     def _on_message(self, stream: str, msg: Any) -> None:
+        # Runs for every message: only pairing by stamp here (a reference is kept, nothing decoded).
         self.stats.received(stream)
         try:
             stamp = stamp_ns(msg.header.stamp)
         except Exception as exc:  # noqa: BLE001 - a message without a usable header
             self.problem("bad_header", f"{stream} message has no usable header stamp: {exc}")
             return
-        last = self._newest_ns
-        if last is not None and stamp < last - self.sync.expiry_ns:
-            # Far behind everything seen: a bag started again (or the clock was reset).
-            self.time_jumps += 1
-            self.get_logger().warning(f"{stream} stamps jumped back by {(last - stamp) * 1e-9:.3f} s; restarting")
-            self.sync.clear()
-            self._jump_pending = True
-            self._newest_ns = stamp
-        else:
-            self._newest_ns = stamp if last is None else max(stamp, last)
-        paired = self.sync.add(stream, stamp, msg)
-        if paired is not None:
-            self.worker.submit((paired, time.perf_counter()))
+        offer = self.sync.offer(stream, stamp, msg)
+        if offer.jumped:
+            self.get_logger().warning(f"{stream} stamps went back: a new timeline (a bag played again?); "
+                                      "the nodes restart from its first frame")
+        elif offer.status == "late" and self.throttle.ready("late"):
+            self.get_logger().warning(f"late: a {stream} message {offer.behind_ns * 1e-9:.3f} s older than the frame "
+                                      "already served was dropped (counted as late)")
+        if offer.messages is not None:
+            self.worker.submit((offer.messages, time.perf_counter(), offer.epoch))
 
-    def _run_frame(self, item: Tuple[Any, Any]) -> None:
-        messages, paired_at = item
-        if self._jump_pending:
-            self._jump_pending = False
+    def _run_frame(self, item: Tuple[Any, Any, int]) -> None:
+        messages, paired_at, epoch = item
+        if epoch != self._epoch:
+            self._epoch = epoch
             self.time_jumped()
+        started = time.perf_counter()
         try:
             published = self.process(messages)
         except FrameRejected as exc:
             self.problem(exc.kind, str(exc))
             return
         if published:
-            self.stats.served(time.perf_counter() - paired_at)
+            now = time.perf_counter()
+            self.stats.served(now - paired_at, wait=started - paired_at, process=now - started)
+
+    def _setup(self) -> None:
+        try:
+            self.setup()
+        except BaseException as exc:
+            # On the console at once, not only on /diagnostics: a node that cannot serve must say so.
+            self.get_logger().error(f"cannot serve any frame: {type(exc).__name__}: {exc}")
+            raise
 
     def _on_worker_error(self, item: Any, exc: BaseException) -> None:
         self.problem("internal_error", f"{type(exc).__name__}: {exc}")
@@ -198,7 +218,7 @@ class PerceptionNode(Node):
     def publish_diagnostics(self) -> None:
         status = self.stats.status(hardware_id=self.get_fully_qualified_name(), backend=self.backend_description(),
                                    worker=self.worker, sync=self.sync,
-                                   extra={"time_jumps": self.time_jumps, "parameter_rejections": self.params.rejected,
+                                   extra={"parameter_rejections": self.params.rejected,
                                           **self.diagnostic_values()})
         msg = DiagnosticArray(status=[status])
         msg.header.stamp = self.get_clock().now().to_msg()
