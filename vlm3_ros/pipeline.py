@@ -22,17 +22,36 @@ import numpy as np
 from . import protocol
 from .camera import Intrinsics, PreparedImage, prepare_depth, prepare_image
 from .engine.base import Backend, GroundTruth, Request, Response
+from .engine.oracle import is_unknown_answer
 from .protocol import AnswerParseError, RelativePose, TaskSpec
 
 __all__ = [
+    "BEYOND_MAX_DEPTH",
     "CorrespondenceMatcher",
     "CorrespondenceResult",
     "DepthEstimator",
     "DepthResult",
+    "NO_REFERENCE",
+    "OUTSIDE",
     "PoseEstimator",
     "PoseResult",
+    "is_parse_failure",
     "query_grid",
 ]
+
+#: Why a requested pixel has no value, besides an unparseable answer (``errors`` of the results):
+OUTSIDE = "outside the prepared image"  # not asked: the pixel does not exist in the prepared image
+NO_REFERENCE = "no reference value at this pixel"  # the oracle's "unknown" (no ground truth there)
+BEYOND_MAX_DEPTH = "beyond max_depth"  # answered, but farther than the caller's plausibility limit
+
+
+def is_parse_failure(error: str | None) -> bool:
+    """True for an answer that could not be parsed (a model failure), not for the other reasons above."""
+    return error is not None and not error.startswith((OUTSIDE, NO_REFERENCE, BEYOND_MAX_DEPTH))
+
+
+def _count(errors: list[str | None], reason: str) -> int:
+    return sum(e is not None and e.startswith(reason) for e in errors)
 
 
 def query_grid(width: int, height: int, count: int, margin: float = 0.05) -> np.ndarray:
@@ -73,6 +92,10 @@ def _parse_all(parse: Callable[[str], Any], answers: list[str]) -> tuple[list[An
     values: list[Any] = []
     errors: list[str | None] = []
     for text in answers:
+        if is_unknown_answer(text):
+            values.append(None)
+            errors.append(NO_REFERENCE)
+            continue
         try:
             values.append(parse(text))
             errors.append(None)
@@ -105,8 +128,9 @@ class DepthResult:
     ``uv`` holds the original-image pixel each answer refers to (the requested pixel moved by at
     most half a text-coordinate unit by the protocol's rounding); ``distance`` is the answered value
     (ray length or z as the spec says), ``z`` metres along the optical axis, ``points`` the 3D
-    points in the camera's optical frame. Rows that were not asked (outside the image) or whose
-    answer could not be parsed are NaN and not ``valid``.
+    points in the camera's optical frame. Rows that were not asked (outside the image), whose
+    answer could not be parsed, says there is no reference value (oracle) or lies beyond the
+    estimator's ``max_depth`` are NaN and not ``valid``; ``errors`` says which.
     """
 
     uv_query: np.ndarray
@@ -122,7 +146,13 @@ class DepthResult:
 
     @property
     def parse_failures(self) -> int:
-        return sum(e is not None and not e.startswith("outside") for e in self.errors)
+        """Answers that could not be parsed (model failures)."""
+        return sum(is_parse_failure(e) for e in self.errors)
+
+    @property
+    def no_reference(self) -> int:
+        """Answers saying there is no reference value at their pixel (the oracle's "unknown")."""
+        return _count(self.errors, NO_REFERENCE)
 
     def depth_image(self, width: int, height: int) -> np.ndarray:
         """A float32 depth image (metres along z, NaN elsewhere) in the original geometry (REP-118)."""
@@ -135,12 +165,17 @@ class DepthResult:
 
 
 class DepthEstimator:
-    """Sparse metric depth from a backend serving the ``depth`` task."""
+    """Sparse metric depth from a backend serving the ``depth`` task.
 
-    def __init__(self, backend: Backend, *, spec: TaskSpec | None = None, max_new_tokens: int = 64) -> None:
+    ``max_depth`` (metres along z): answers farther away are not used (``errors``: beyond max_depth).
+    """
+
+    def __init__(self, backend: Backend, *, spec: TaskSpec | None = None, max_new_tokens: int = 64,
+                 max_depth: float | None = None) -> None:
         self.backend = backend
         self.spec = spec or backend.spec("depth")
         self.max_new_tokens = max_new_tokens
+        self.max_depth = max_depth
         if self.spec.coord_scale is None:
             raise ValueError(f"task {self.spec.name!r} has no coordinate scale; it cannot reference pixels")
 
@@ -186,7 +221,7 @@ class DepthEstimator:
         n = len(uv)
         distance = np.full(n, np.nan)
         answers: list[str | None] = [None] * n
-        errors: list[str | None] = ["outside the prepared image"] * n
+        errors: list[str | None] = [OUTSIDE] * n
         for k, i in enumerate(index):
             answers[i] = response.answers[k]
             errors[i] = parse_errors[k]
@@ -196,6 +231,11 @@ class DepthEstimator:
         if self.depth_kind == "ray":
             rays /= np.linalg.norm(rays, axis=1, keepdims=True)
         points = rays * distance[:, None]
+        if self.max_depth is not None:
+            for i in np.flatnonzero(np.isfinite(distance) & ~(points[:, 2] <= self.max_depth)):
+                errors[i] = f"{BEYOND_MAX_DEPTH} ({points[i, 2]:.3g} m > {self.max_depth:g} m)"
+                distance[i] = np.nan
+                points[i] = np.nan
         valid = np.isfinite(distance)
         uv_ref = np.full_like(uv, np.nan)
         uv_ref[inside] = prepared.mapping.to_original(referenced[inside])
@@ -229,6 +269,16 @@ class CorrespondenceResult:
     errors: list[str | None]
     prepared: tuple[PreparedImage, PreparedImage]
     response: Response | None = None
+
+    @property
+    def parse_failures(self) -> int:
+        """Answers that could not be parsed (model failures)."""
+        return sum(is_parse_failure(e) for e in self.errors)
+
+    @property
+    def no_reference(self) -> int:
+        """Answers saying there is no reference value at their pixel (the oracle's "unknown")."""
+        return _count(self.errors, NO_REFERENCE)
 
 
 class CorrespondenceMatcher:
@@ -278,7 +328,7 @@ class CorrespondenceMatcher:
         n = len(uv1)
         uv2 = np.full((n, 2), np.nan)
         answers: list[str | None] = [None] * n
-        errors: list[str | None] = ["outside the prepared image"] * n
+        errors: list[str | None] = [OUTSIDE] * n
         size2 = np.array([p2.width, p2.height], dtype=float)
         for k, i in enumerate(index):
             answers[i] = response.answers[k]
@@ -337,5 +387,6 @@ class PoseEstimator:
             pose = protocol.parse_pose_answers(answers)
             error = None
         except protocol.ProtocolError as exc:
-            pose, error = None, str(exc)
+            unknown = any(is_unknown_answer(text) for text in answers.values())
+            pose, error = None, NO_REFERENCE if unknown else str(exc)
         return PoseResult(pose=pose, answers=answers, error=error, response=response)

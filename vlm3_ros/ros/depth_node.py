@@ -34,7 +34,7 @@ from .. import geometry
 from ..camera import CameraError
 from ..engine import Backend
 from ..odometry import select_query_pixels
-from ..pipeline import DepthEstimator
+from ..pipeline import DepthEstimator, is_parse_failure
 from . import backends as backend_cache
 from .conversions import FrameRejected, cloud_msg, depth_metres, header, image_msg
 from .node_base import PerceptionNode
@@ -79,12 +79,13 @@ class DepthNode(PerceptionNode):
         self.get_logger().info(f"depth backend ready: {self.backend.describe()}")
 
     def _depth_estimator(self, values: Dict[str, Any]) -> DepthEstimator:
-        key = (values["depth_kind"], values["max_new_tokens"])
+        key = (values["depth_kind"], values["max_new_tokens"], values["max_depth"])
         if self._estimator is None or key != self._estimator_key:
             spec = self.backend.spec("depth")
             if values["depth_kind"] != "spec":
                 spec = spec.with_options(depth_kind=values["depth_kind"])
-            self._estimator = DepthEstimator(self.backend, spec=spec, max_new_tokens=values["max_new_tokens"])
+            self._estimator = DepthEstimator(self.backend, spec=spec, max_new_tokens=values["max_new_tokens"],
+                                             max_depth=values["max_depth"])
             self._estimator_key = key
         return self._estimator
 
@@ -97,7 +98,7 @@ class DepthNode(PerceptionNode):
             raise FrameRejected("bad_camera_info", "camera_info has an empty frame_id; outputs need the optical frame")
         reference = None
         if "reference_depth" in messages:
-            reference = depth_metres(messages["reference_depth"])
+            reference = depth_metres(messages["reference_depth"], values["max_depth"])
             if reference.shape != (height, width):
                 raise FrameRejected("reference_depth_size", f"reference depth is {reference.shape[1]}x"
                                     f"{reference.shape[0]} but the image is {width}x{height}")
@@ -110,8 +111,9 @@ class DepthNode(PerceptionNode):
         except Exception as exc:  # noqa: BLE001 - a model failure must not end the node
             raise FrameRejected("backend_error", f"{type(exc).__name__}: {exc}") from None
         failures = result.parse_failures
-        first = next((e for e in result.errors if e is not None and not e.startswith("outside")), None)
+        first = next((e for e in result.errors if is_parse_failure(e)), None)
         self.stats.parse_failed(failures, first)
+        self.stats.unreferenced(result.no_reference)
         valid = result.valid
         if not valid.any():
             reason = f"none of {len(uv)} answers could be used" + (f" ({failures} unparseable, e.g. {first})"
