@@ -260,7 +260,11 @@ class DepthEstimator:
 
 @dataclass
 class CorrespondenceResult:
-    """Matches of original image-1 pixels ``uv1`` in original image 2 (``uv2``; NaN where none)."""
+    """Matches of original image-1 pixels ``uv1`` in original image 2 (``uv2``; NaN where none).
+
+    ``uv1_used`` is the original image-1 pixel each question referred to (``uv1`` moved by the text
+    coordinates' rounding; NaN where not asked).
+    """
 
     uv1: np.ndarray
     uv2: np.ndarray
@@ -269,6 +273,7 @@ class CorrespondenceResult:
     errors: list[str | None]
     prepared: tuple[PreparedImage, PreparedImage]
     response: Response | None = None
+    uv1_used: np.ndarray | None = None
 
     @property
     def parse_failures(self) -> int:
@@ -310,7 +315,7 @@ class CorrespondenceMatcher:
         p1 = prepare_image(image1, intrinsics1, self.spec.preprocess)
         p2 = prepare_image(image2, intrinsics2, self.spec.preprocess)
         scale = self.spec.coord_scale
-        inside, nxy, _ = _text_coordinates(p1, uv1, scale)
+        inside, nxy, referenced = _text_coordinates(p1, uv1, scale)
         index = np.flatnonzero(inside)
         suffix = self.spec.option("think_suffix", "") if self.think else ""
         questions = [self.spec.question(nx=int(nxy[i, 0]), ny=int(nxy[i, 1])) + suffix for i in index]
@@ -335,7 +340,10 @@ class CorrespondenceMatcher:
             errors[i] = parse_errors[k]
             if values[k] is not None:
                 uv2[i] = p2.mapping.to_original(np.asarray(values[k], float) / scale * size2)
-        return CorrespondenceResult(uv1, uv2, np.all(np.isfinite(uv2), axis=1), answers, errors, (p1, p2), response)
+        uv1_used = np.full_like(uv1, np.nan)
+        uv1_used[inside] = p1.mapping.to_original(referenced[inside])
+        return CorrespondenceResult(uv1, uv2, np.all(np.isfinite(uv2), axis=1), answers, errors, (p1, p2), response,
+                                    uv1_used)
 
 
 # ------------------------------------------------------------------------------------------------
