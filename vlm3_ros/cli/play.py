@@ -112,6 +112,9 @@ def _play(args: argparse.Namespace) -> int:
             raise PlayError(f"bag {args.bag} has no topic {', '.join(missing)}; it has {', '.join(topics) or 'none'}")
         topics = {t: topics[t] for t in args.topics}
 
+    from ..ros.dds import use_large_shared_memory
+
+    use_large_shared_memory()  # camera-sized messages through shared memory without losses (see ros/dds.py)
     import rclpy
     from rclpy.context import Context
     from rclpy.duration import Duration

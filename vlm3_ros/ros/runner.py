@@ -29,6 +29,9 @@ def run_nodes(factories: Sequence[Callable[..., Any]], *, args: Optional[List[st
     remappings, ``-p`` values, namespaces). ``duration`` stops after that many seconds (smoke runs).
     Returns the exit status.
     """
+    from .dds import use_large_shared_memory
+
+    use_large_shared_memory()  # camera-sized messages through shared memory without losses (see dds.py)
     import rclpy
     from rclpy.context import Context
     from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor, SingleThreadedExecutor
