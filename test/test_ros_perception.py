@@ -448,3 +448,30 @@ def test_bag_played_into_perception_with_the_tiny_model(ros, ros_domain_id, seve
     np.testing.assert_allclose(cv.pose_matrix(odom.pose.pose), np.eye(4), atol=1e-12)
     assert (odom.header.frame_id, odom.child_frame_id) == ("odom", "base_link")
 
+
+
+def test_bench_node_measures_the_nodes_against_the_engine(ros_domain_id, tmp_path, capsys):
+    """`vlm3-ros bench-node` (oracle: the nodes' own cost) feeds a stream into the nodes' process and
+    reports consistent rates, latencies and drops; the speed itself is for BENCHMARKS.md, not checked."""
+    import json
+
+    from vlm3_ros.cli.main import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench-node", "--oracle", "--rate", "10", "--duration", "4", "--cycles", "2", "--warmup", "1",
+                 "--engine-frames", "1", "--frames", "3", "--points", "16", "--rss-interval", "1",
+                 "--domain-id", str(ros_domain_id), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    assert "engine frame time" in printed and "depth_node: output" in printed
+    assert report["conditions"]["rate_hz"] == 10 and report["conditions"]["phases"] == 2
+    assert 7.0 <= report["input_hz"] <= 10.5
+    node = report["nodes"]["depth_node"]
+    assert node["frames_out"] >= 10 and node["frames_out"] + node["not_served"] == round(report["input_hz"] * 8)
+    assert 0 < node["latency_p50_s"] <= node["latency_p95_s"] <= node["latency_max_s"] < 10
+    assert node["rate_vs_engine"] == pytest.approx(node["output_hz"] * report["engine"]["frame_s"])
+    assert report["engine"]["frame_s"] > 0 and len(report["engine"]["phases_s"]) == 3
+    assert int(node["diagnostics"]["frames_published"]) >= node["frames_out"]
+    assert node["diagnostics"]["time_jumps"] == "0" and node["diagnostics"]["late"] == "0"
+    assert len(report["rss_mb"]) >= 4 and all(v > 50 for _, v in report["rss_mb"])
+    assert [p["depth_node"]["output_hz"] > 0 for p in report["phases"]] == [True, True]

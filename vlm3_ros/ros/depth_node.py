@@ -110,6 +110,8 @@ class DepthNode(PerceptionNode):
             raise FrameRejected("bad_camera_info", f"the depth task cannot prepare this camera: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - a model failure must not end the node
             raise FrameRejected("backend_error", f"{type(exc).__name__}: {exc}") from None
+        if result.response is not None:
+            self.stats.backend_time(result.response.timings.get("total", float("nan")))
         failures = result.parse_failures
         first = next((e for e in result.errors if is_parse_failure(e)), None)
         self.stats.parse_failed(failures, first)

@@ -7,7 +7,8 @@
   parse, frames were dropped, messages arrived late or stamps jumped back since the previous
   report, OK otherwise (answers the oracle has no reference for are counted, not warned about);
 * key/values: backend and its state, input rate per stream, output rate, latency (mean, max over
-  the window; and its parts: waiting for the worker, processing), processed / dropped (busy) /
+  the window; and its parts: waiting for the worker, processing, of which the backend's answer),
+  processed / dropped (busy) /
   unpaired / late counts, time jumps, rejected frames per kind, parse failures, answers without
   a reference value, the last problem.
 
@@ -77,6 +78,7 @@ class NodeStats:
         self.rejected: Dict[str, int] = collections.Counter()
         self.parse_failures = 0
         self.no_reference = 0
+        self.backend_times: Deque[tuple] = collections.deque()
         self.last_problem: Optional[str] = None
         self._reported: Dict[str, int] = {}
 
@@ -98,6 +100,11 @@ class NodeStats:
             self.rejected[kind] += 1
             self.last_problem = f"{kind}: {message}"
 
+    def backend_time(self, seconds: float) -> None:
+        """The backend took ``seconds`` to answer a frame's questions (inside the node's processing)."""
+        with self._lock:
+            self.backend_times.append((time.monotonic(), seconds))
+
     def unreferenced(self, count: int) -> None:
         """``count`` answers said there is no reference value at their pixel (the oracle's "unknown")."""
         if count > 0:
@@ -117,6 +124,8 @@ class NodeStats:
         with self._lock:
             while self.latencies and self.latencies[0][0] < now - self.window:
                 self.latencies.popleft()
+            while self.backend_times and self.backend_times[0][0] < now - self.window:
+                self.backend_times.popleft()
             lat = [v[1] for v in self.latencies]
 
             def mean(values: list) -> float:
@@ -129,6 +138,7 @@ class NodeStats:
                 "latency_max": max(lat) if lat else float("nan"),
                 "wait_mean": mean([v[2] for v in self.latencies]),
                 "process_mean": mean([v[3] for v in self.latencies]),
+                "backend_mean": mean([v for _, v in self.backend_times]),
                 "published": self.published,
                 "rejected": dict(self.rejected),
                 "parse_failures": self.parse_failures,
@@ -168,6 +178,7 @@ class NodeStats:
             "latency_max_ms": f"{1e3 * s['latency_max']:.1f}",
             "wait_ms_mean": f"{1e3 * s['wait_mean']:.1f}",
             "process_ms_mean": f"{1e3 * s['process_mean']:.1f}",
+            "backend_ms_mean": f"{1e3 * s['backend_mean']:.1f}",
             "frames_submitted": worker.submitted,
             "frames_processed": worker.processed,
             "frames_published": s["published"],
