@@ -186,8 +186,9 @@ INPUT_PARAMS: Tuple[Param, ...] = (
           "sensor_msgs/Image on image.", read_only=True),
     Param("sync_tolerance", 0.0, "Largest stamp difference (s) between messages paired into one frame "
           "(0: exact stamps).", range=(0.0, 1.0)),
-    Param("sync_expiry", 1.0, "Unpaired messages older than this (s, message time) behind the newest are "
-          "dropped and counted.", range=(0.001, 60.0)),
+    Param("sync_expiry", 1.0, "A waiting message is dropped (counted unpaired) once a stream it still lacks has "
+          "moved this far (s, message time) past it; a stream's own stamps going back this far twice in a row is a "
+          "time jump.", range=(0.001, 60.0)),
     Param("max_image_side", 16384, "Images wider or taller than this (px) are rejected and counted.",
           range=(16, 16384)),
     Param("min_image_side", 16, "Images narrower or shorter than this (px) are rejected and counted.",
