@@ -216,21 +216,29 @@ def test_lost_frames_hold_the_pose_and_time_jumps_restart(ros, perception_nodes)
     assert np.linalg.norm(moved) == pytest.approx(0.05 * (4 - start), abs=0.006)
 
 
+def _along_x(step, count):
+    """Intrinsics, image, depth and ``count`` poses moving ``step`` metres along the optical x axis."""
+    poses = [xyz_rotation_to_pose([step * n, 0.0, 0.0], [0.0, 0.0, 0.0]) for n in range(count)]
+    return Intrinsics.from_focal(160, 120, 150.0), textured(160, 120), np.full((120, 160), 2.0), poses
+
+
+def _served(ros, cam, out, t, intr, rgb, depth, pose):
+    """Publish a frame and wait for its odometry."""
+    cam.publish(FramePublisher.messages(t, rgb, intr, depth=depth, pose=pose))
+    assert ros.spin_until(lambda: out["odom"].with_stamp(t), 15), f"no odometry for {t}"
+
+
 def test_a_late_message_is_dropped_and_the_trajectory_goes_on(ros, perception_nodes):
     """One CameraInfo stamped 1.5 s in the past: counted late; the next frame is served and the pose
     goes on (it used to be taken for a bag restart, losing that frame and resetting the pose)."""
     node, client, cam, out = _start(ros, perception_nodes, mode="pose", diagnostics_period=0.1)
     diagnostics = Collector(client, DiagnosticArray, "/diagnostics")
-    intr = Intrinsics.from_focal(160, 120, 150.0)
-    rgb, depth = textured(160, 120), np.full((120, 160), 2.0)
-    poses = [xyz_rotation_to_pose([0.045 * n, 0.0, 0.0], [0.0, 0.0, 0.0]) for n in range(4)]
+    intr, rgb, depth, poses = _along_x(0.045, 4)
     for n in range(3):
-        cam.publish(FramePublisher.messages(5.0 + 0.1 * n, rgb, intr, depth=depth, pose=poses[n]))
-        assert ros.spin_until(lambda: len(out["odom"]) == n + 1, 15)
+        _served(ros, cam, out, 5.0 + 0.1 * n, intr, rgb, depth, poses[n])
     late = FramePublisher.messages(5.2 - 1.5, rgb, intr)["camera_info"]
     cam.info.publish(late)
-    cam.publish(FramePublisher.messages(5.3, rgb, intr, depth=depth, pose=poses[3]))
-    assert ros.spin_until(lambda: len(out["odom"]) == 4, 15), "the frame after the late message was lost"
+    _served(ros, cam, out, 5.3, intr, rgb, depth, poses[3])  # the frame after the late message is not lost
     position = cv.pose_matrix(out["odom"].messages[-1].pose.pose)[:3, 3]
     assert np.linalg.norm(position) == pytest.approx(0.135, abs=0.006)  # not restarted at the origin
     assert node.time_jumps == 0 and node.sync.counters.late == {s: int(s == "camera_info") for s in node.streams}
@@ -241,20 +249,16 @@ def test_a_late_message_is_dropped_and_the_trajectory_goes_on(ros, perception_no
 
 def test_a_frame_older_than_the_keyframe_is_skipped_not_a_restart(ros, perception_nodes):
     node, client, cam, out = _start(ros, perception_nodes, mode="pose")
-    intr = Intrinsics.from_focal(160, 120, 150.0)
-    rgb, depth = textured(160, 120), np.full((120, 160), 2.0)
-    poses = [xyz_rotation_to_pose([0.05 * n, 0.0, 0.0], [0.0, 0.0, 0.0]) for n in range(3)]
+    intr, rgb, depth, poses = _along_x(0.05, 3)
     for n in range(2):
-        cam.publish(FramePublisher.messages(2.0 + 0.1 * n, rgb, intr, depth=depth, pose=poses[n]))
-        assert ros.spin_until(lambda: len(out["odom"]) == n + 1, 15)
+        _served(ros, cam, out, 2.0 + 0.1 * n, intr, rgb, depth, poses[n])
     assert node.worker.wait_idle(10)
     # A frame older than the keyframe reaching the odometry (the stream sync lets none through; the
     # odometry still refuses one): skipped and counted as late, the trajectory is kept.
     stale = FramePublisher.messages(1.95, rgb, intr, depth=depth, pose=poses[0])
     with pytest.raises(FrameRejected, match="not after the keyframe"):
         node.process(stale)
-    cam.publish(FramePublisher.messages(2.2, rgb, intr, depth=depth, pose=poses[2]))
-    assert ros.spin_until(lambda: len(out["odom"]) == 3, 15)
+    _served(ros, cam, out, 2.2, intr, rgb, depth, poses[2])
     assert np.linalg.norm(cv.pose_matrix(out["odom"].messages[-1].pose.pose)[:3, 3]) == pytest.approx(0.1, abs=0.006)
     assert node.last_update.status == "tracking"
 

@@ -50,8 +50,20 @@ def is_parse_failure(error: str | None) -> bool:
     return error is not None and not error.startswith((OUTSIDE, NO_REFERENCE, BEYOND_MAX_DEPTH))
 
 
-def _count(errors: list[str | None], reason: str) -> int:
-    return sum(e is not None and e.startswith(reason) for e in errors)
+class _Reasons:
+    """Counts over a result's ``errors`` (one reason, or None, per requested pixel)."""
+
+    errors: list[str | None]
+
+    @property
+    def parse_failures(self) -> int:
+        """Answers that could not be parsed (model failures)."""
+        return sum(is_parse_failure(e) for e in self.errors)
+
+    @property
+    def no_reference(self) -> int:
+        """Answers saying there is no reference value at their pixel (the oracle's "unknown")."""
+        return sum(e is not None and e.startswith(NO_REFERENCE) for e in self.errors)
 
 
 def query_grid(width: int, height: int, count: int, margin: float = 0.05) -> np.ndarray:
@@ -122,7 +134,7 @@ def _text_coordinates(prepared: PreparedImage, uv: np.ndarray, scale: int) -> tu
 
 
 @dataclass
-class DepthResult:
+class DepthResult(_Reasons):
     """Sparse metric depth of one frame.
 
     ``uv`` holds the original-image pixel each answer refers to (the requested pixel moved by at
@@ -143,16 +155,6 @@ class DepthResult:
     errors: list[str | None]
     prepared: PreparedImage
     response: Response | None = None
-
-    @property
-    def parse_failures(self) -> int:
-        """Answers that could not be parsed (model failures)."""
-        return sum(is_parse_failure(e) for e in self.errors)
-
-    @property
-    def no_reference(self) -> int:
-        """Answers saying there is no reference value at their pixel (the oracle's "unknown")."""
-        return _count(self.errors, NO_REFERENCE)
 
     def depth_image(self, width: int, height: int) -> np.ndarray:
         """A float32 depth image (metres along z, NaN elsewhere) in the original geometry (REP-118)."""
@@ -259,7 +261,7 @@ class DepthEstimator:
 
 
 @dataclass
-class CorrespondenceResult:
+class CorrespondenceResult(_Reasons):
     """Matches of original image-1 pixels ``uv1`` in original image 2 (``uv2``; NaN where none).
 
     ``uv1_used`` is the original image-1 pixel each question referred to (``uv1`` moved by the text
@@ -274,16 +276,6 @@ class CorrespondenceResult:
     prepared: tuple[PreparedImage, PreparedImage]
     response: Response | None = None
     uv1_used: np.ndarray | None = None
-
-    @property
-    def parse_failures(self) -> int:
-        """Answers that could not be parsed (model failures)."""
-        return sum(is_parse_failure(e) for e in self.errors)
-
-    @property
-    def no_reference(self) -> int:
-        """Answers saying there is no reference value at their pixel (the oracle's "unknown")."""
-        return _count(self.errors, NO_REFERENCE)
 
 
 class CorrespondenceMatcher:

@@ -201,15 +201,6 @@ class EngineTimer:
 # ------------------------------------------------------------------------------------------------
 
 
-def child_env(domain_id: int) -> Dict[str, str]:
-    env = dict(os.environ)
-    env["ROS_DOMAIN_ID"] = str(domain_id)
-    env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    # The PyPI ROS wheels re-execute each interpreter once to set its library path and mark it here.
-    env.pop("_ROS_WHEELS_BOOTSTRAP_COMPLETE", None)
-    return env
-
-
 def rss_mb(pid: int) -> float:
     """Resident memory of process ``pid`` in MiB (NaN once it is gone)."""
     try:
@@ -327,7 +318,7 @@ class Stream:
                     next_t = now + period
             if on_tick is not None:
                 on_tick(now)
-            self.executor.spin_once(timeout_sec=max(0.0, min(next_t - time.monotonic(), 0.005)))
+            self.executor.spin_once(timeout_sec=max(0.0, min(next_t - time.monotonic(), 0.1)))
         return {"first": first, "last": index, "start": start, "end": end, "publisher_lag_events": late_publish}
 
     def close(self) -> None:
@@ -444,7 +435,7 @@ def run(args: argparse.Namespace) -> int:
     _say(f"engine alone: {engine[0]['engine_s']:.3f} s per frame ({engine[0]['questions']} questions, "
          f"{engine[0]['tokens_per_answer']:.1f} tokens per answer), whole pipeline {engine[0]['pipeline_s']:.3f} s")
 
-    from ..ros.dds import use_large_shared_memory
+    from ..ros.dds import child_environment, use_large_shared_memory
 
     use_large_shared_memory()  # as the nodes and vlm3-ros play do (the nodes' process inherits it)
     domain_id = args.domain_id if args.domain_id is not None else 1 + (os.getpid() * 7 + 3) % 100
@@ -459,7 +450,7 @@ def run(args: argparse.Namespace) -> int:
     stream = Stream(domain_id, nodes, oracle=model is None)
     messages = stream_messages(frames, intrinsics, depths, oracle=model is None)
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, env=child_env(domain_id), stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, env=child_environment(domain_id), stdout=log, stderr=subprocess.STDOUT)
     samples: List[tuple] = []
     phases: List[Dict[str, Any]] = []
     try:

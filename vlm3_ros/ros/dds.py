@@ -1,4 +1,5 @@
-"""Fast DDS set-up for camera-sized messages between processes on one machine.
+"""The DDS environment of the project's ROS processes: Fast DDS set up for camera-sized messages
+between processes on one machine, and the environment of a child process on a private domain.
 
 Fast DDS (the default middleware) sends to local processes through a shared-memory segment of
 512 KiB per participant. A camera frame is larger (640 x 480 rgb8 is 0.9 MB, its depth image
@@ -19,9 +20,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
-__all__ = ["PROFILE_XML", "SEGMENT_BYTES", "use_large_shared_memory"]
+__all__ = ["PROFILE_XML", "SEGMENT_BYTES", "child_environment", "use_large_shared_memory"]
 
 SEGMENT_BYTES = 16 * 1024 * 1024
 
@@ -72,3 +73,14 @@ def use_large_shared_memory() -> Optional[Path]:
         return None  # a read-only cache: keep the defaults rather than fail
     os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(path)
     return path
+
+
+def child_environment(domain_id: int) -> Dict[str, str]:
+    """This process's environment for a child joining ROS domain ``domain_id`` on this machine only."""
+    env = dict(os.environ)
+    env["ROS_DOMAIN_ID"] = str(domain_id)
+    env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+    # The PyPI ROS wheels re-execute each interpreter once to set its library path and mark it in
+    # this variable; a child must set up its own.
+    env.pop("_ROS_WHEELS_BOOTSTRAP_COMPLETE", None)
+    return env
