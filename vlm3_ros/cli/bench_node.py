@@ -168,32 +168,23 @@ class EngineTimer:
         self.select = select_query_pixels
 
     def time(self, frames: Sequence[np.ndarray], depths: Sequence[Optional[np.ndarray]], count: int) -> Dict[str, Any]:
-        """Median seconds per frame: ``engine`` (the backend's answer) and ``pipeline`` (preparation,
-        questions, answers and geometry: all a node does per frame but decoding and publishing)."""
-        from ..engine import GroundTruth, Request
-        from ..camera import prepare_depth
-
+        """Median seconds per frame: ``engine`` (the backend answering the frame's questions, as the
+        depth node's backend_ms_mean counts it) and ``pipeline`` (preparation, questions, answers and
+        geometry: all a node does per frame but decoding and publishing)."""
         engine, pipeline, tokens = [], [], []
         for k in range(count + 1):  # the first one warms up
             rgb, depth = frames[k % len(frames)], depths[k % len(depths)]
             uv = self.select(rgb, self.points)
             t0 = time.perf_counter()
-            self.estimator.estimate(rgb, self.intrinsics, uv, reference_depth=depth)
+            result = self.estimator.estimate(rgb, self.intrinsics, uv, reference_depth=depth)
             t1 = time.perf_counter()
-            prepared = self.estimator.prepare(rgb, self.intrinsics)
-            questions = self.estimator.questions(prepared, uv)[0]
-            gt = None if depth is None else GroundTruth(depth=prepare_depth(depth, prepared), K=prepared.intrinsics.K)
-            request = Request(images=[prepared.image], questions=questions, spec=self.estimator.spec,
-                              max_new_tokens=self.estimator.max_new_tokens, ground_truth=gt)
-            t2 = time.perf_counter()
-            response = self.backend.answer(request)
-            t3 = time.perf_counter()
             if k:
                 pipeline.append(t1 - t0)
-                engine.append(t3 - t2)
-                tokens.append(sum(response.generated_tokens) / max(len(questions), 1))
+                engine.append(result.response.timings["total"])
+                tokens.append(sum(result.response.generated_tokens) / max(len(result.response.answers), 1))
         return {"engine_s": float(np.median(engine)), "pipeline_s": float(np.median(pipeline)),
-                "engine_all_s": engine, "tokens_per_answer": float(np.mean(tokens)), "questions": len(questions)}
+                "engine_all_s": engine, "tokens_per_answer": float(np.mean(tokens)),
+                "questions": len(result.response.answers)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -221,6 +212,7 @@ class Stream:
 
         import rclpy
         from diagnostic_msgs.msg import DiagnosticArray
+        from geometry_msgs.msg import PoseStamped
         from rclpy.executors import SingleThreadedExecutor
         from sensor_msgs.msg import CameraInfo, Image
 
@@ -235,10 +227,13 @@ class Stream:
         self.image_pub = self.node.create_publisher(Image, "/camera/image_raw", qos)
         self.info_pub = self.node.create_publisher(CameraInfo, "/camera/camera_info", stream_qos("reliable", 10))
         self.depth_pub = self.node.create_publisher(Image, "/camera/depth/image_raw", qos) if oracle else None
+        self.pose_pub = (self.node.create_publisher(PoseStamped, "/ground_truth/pose", stream_qos("reliable", 10))
+                         if oracle and "odometry_node" in nodes else None)
         self.published: Dict[int, float] = {}
         self.received: Dict[str, Dict[int, float]] = {n: {} for n in nodes}
         self.status: Dict[str, Dict[str, str]] = {}
         self.status_level: Dict[str, int] = {}
+        self.status_time: Dict[str, float] = {}
         for name in nodes:
             topic, module, cls = OUTPUTS[name]
             msg_type = getattr(importlib.import_module(module), cls)
@@ -256,6 +251,7 @@ class Stream:
             name = status.name.split("/")[-1]
             if name in self.received:
                 self.status[name] = {kv.key: kv.value for kv in status.values}
+                self.status_time[name] = time.monotonic()
                 level = status.level
                 self.status_level[name] = int.from_bytes(level, "little") if isinstance(level, bytes) else int(level)
 
@@ -267,9 +263,21 @@ class Stream:
                 return
             self.executor.spin_once(timeout_sec=min(left, 0.02))
 
+    def wait_idle(self, nodes: Sequence[str], timeout: float) -> bool:
+        """Spin until every node reports an idle worker in a report made after this call (its last frames
+        served), so that the engine is then timed alone."""
+        start = time.monotonic()
+        while time.monotonic() < start + timeout:
+            self.spin(0.2)
+            if all(self.status_time.get(n, 0.0) > start + 0.5 and self.status[n].get("backend_state") == "ready"
+                   for n in nodes):
+                return True
+        return False
+
     def wait_ready(self, nodes: Sequence[str], node_proc: subprocess.Popen, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         pubs = [self.image_pub, self.info_pub] + ([self.depth_pub] if self.depth_pub else [])
+        posed = [self.pose_pub] if self.pose_pub else []
         while time.monotonic() < deadline:
             self.spin(0.2)
             if node_proc.poll() is not None:
@@ -280,6 +288,7 @@ class Stream:
                     f"{n}: {self.status[n].get('last_problem', '')}" for n in nodes))
             if all(s in ("ready", "busy") for s in states.values()) and all(
                     p.get_subscription_count() >= len(nodes) for p in pubs) and all(
+                    p.get_subscription_count() >= 1 for p in posed) and all(
                     self.node.count_publishers(f"/{OUTPUTS[n][0]}") for n in nodes):
                 self.spin(0.5)  # let the nodes' side of the discovery complete too
                 return
@@ -306,6 +315,8 @@ class Stream:
                 sec = int(stamp)
                 for msg in msgs.values():
                     msg.header.stamp.sec, msg.header.stamp.nanosec = sec, int(round((stamp - sec) * 1e9))
+                if self.pose_pub is not None:
+                    self.pose_pub.publish(msgs["reference_pose"])
                 if self.depth_pub is not None and "reference_depth" in msgs:
                     self.depth_pub.publish(msgs["reference_depth"])
                 self.info_pub.publish(msgs["camera_info"])
@@ -329,9 +340,12 @@ class Stream:
 
 def stream_messages(frames: Sequence[np.ndarray], intrinsics: Any, depths: Sequence[Optional[np.ndarray]],
                     oracle: bool, frame_id: str = "camera_optical_frame") -> List[Dict[str, Any]]:
+    """The messages of each frame; with ``oracle`` its reference depth and a reference pose too (the
+    camera on a 2 cm circle over the frames, so the loop closes)."""
     from builtin_interfaces.msg import Time
+    from geometry_msgs.msg import PoseStamped
 
-    from .. import msg_codec
+    from .. import geometry, msg_codec
     from ..ros import conversions as cv
 
     out = []
@@ -345,6 +359,14 @@ def stream_messages(frames: Sequence[np.ndarray], intrinsics: Any, depths: Seque
                 raise ValueError("--oracle needs depth: the bag has no depth image topic")
             mm = np.where(np.isfinite(depth), np.round(depth * 1000), 0).astype(np.uint16)
             msgs["reference_depth"] = cv.image_msg(mm, "16UC1", cv.header(Time(), hdr.frame_id))
+            angle = 2 * np.pi * len(out) / len(frames)
+            transform = cv.transform_msg(geometry.make_pose(np.eye(3), [0.01 * np.cos(angle), 0.01 * np.sin(angle), 0]),
+                                         Time(), "map", frame_id).transform
+            pose = PoseStamped(header=cv.header(Time(), "map"))
+            pose.pose.position.x, pose.pose.position.y, pose.pose.position.z = (
+                transform.translation.x, transform.translation.y, transform.translation.z)
+            pose.pose.orientation = transform.rotation
+            msgs["reference_pose"] = pose
         out.append(msgs)
     return out
 
@@ -359,8 +381,17 @@ def window_stats(stream: Stream, nodes: Sequence[str], windows: Sequence[tuple])
         got = stream.received[node]
         latencies = [got[s] - sent[s] for s in sent if s in got]
         served = [s for s in sent if s in got]
+        # Under a stream faster than the node, the worker is never idle: the time between two outputs
+        # is the second frame's processing. Latency over that interval is how much longer than its
+        # own processing a frame took (waiting, delivery): 1.0 is ideal, whatever the machine's load.
+        ratios = []
+        for t0, t1 in windows:
+            outputs = sorted((got[s], got[s] - sent[s]) for s in served if t0 <= sent[s] < t1)
+            ratios += [lat / (t - prev) for (prev, _), (t, lat) in zip(outputs, outputs[1:]) if t > prev]
         out[node] = {
             "frames": [(round(sent[s] - t_first, 3), round(got[s] - sent[s], 3)) for s in sorted(served)],
+            "latency_over_interval_p50": percentile(ratios, 50),
+            "latency_over_interval_p95": percentile(ratios, 95),
             "output_hz": len(served) / span,
             "frames_out": len(served),
             "not_served": len(sent) - len(served),
@@ -470,7 +501,7 @@ def run(args: argparse.Namespace) -> int:
             phases.append(phase)
             index = phase["last"]
             samples.append((time.monotonic() - t_start, rss_mb(proc.pid)))
-            stream.spin(3.0)  # the last frames' outputs (and a diagnostics report) before the engine runs
+            stream.wait_idle(nodes, timeout=300.0)  # the last frames served before the engine is timed alone
             if proc.poll() is not None:
                 raise RuntimeError(f"the nodes' process ended with status {proc.returncode}")
             engine.append(timer.time(frames, depths, args.engine_frames))
@@ -583,7 +614,8 @@ def _print_report(report: Dict[str, Any]) -> None:
               f"{100 * GOAL_RATE:.0f} %: {'met' if r['goal_rate'] else 'NOT met'}); latency p50 "
               f"{r['latency_p50_s']:.3f} s, p95 {r['latency_p95_s']:.3f} s = {r['p95_vs_engine']:.2f}x engine (goal <= "
               f"{GOAL_LATENCY:g}x: {'met' if r['goal_latency'] else 'NOT met'}), max {r['latency_max_s']:.3f} s; "
-              f"{r['frames_out']} frames served, {r['not_served']} not served")
+              f"{r['frames_out']} frames served, {r['not_served']} not served; latency over the interval between "
+              f"outputs p50 {r['latency_over_interval_p50']:.2f}, p95 {r['latency_over_interval_p95']:.2f}")
         print("    diagnostics: " + ", ".join(f"{k}={v}" for k, v in d.items()))
     for k, phase in enumerate(report["phases"]):
         print(f"  phase {k + 1}: engine {phase['engine_s']:.3f} s, " + ", ".join(
