@@ -32,10 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, help="write the results as JSON to this path")
     parser.add_argument("--model", help="checkpoint directory or hub id (default: the generated bench model)")
     parser.add_argument("--preset", default="bench", help="preset of the generated model when --model is not given")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=128,
+                        help="tokens generated per answer (random weights never stop early)")
     parser.add_argument("--max-batch", type=int, default=64, help="engine: questions decoded together at most")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="auto", help="torch device: auto (CUDA when available), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--image", type=Path, help="a 640x480 image file instead of the generated test frame")
     parser.add_argument("--focal", type=float, default=585.0, help="focal length of the frame in pixels")
     parser.add_argument("--skip-reference-above", type=int, default=0,

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
-HELP = "Run the depth and odometry nodes in one process (MultiThreadedExecutor)."
+HELP = "Run the depth and odometry nodes in one process."
 
 #: node name -> (console script, "module:class"), as in launch/perception.launch.py
 NODES: Dict[str, tuple] = {

@@ -136,7 +136,7 @@ class ObjectNode(PerceptionNode):
             self.problem("too_many_detections", f"{dropped} detection(s) beyond max_objects = "
                          f"{values['max_objects']} dropped (lowest scores)", skipped=False)
             detections = detections[: values["max_objects"]]
-        reference = self.reference_depth(messages, width, height)
+        reference = self.reference_depth(messages, width, height, values["max_depth"])
         measured = []
         if detections:
             try:

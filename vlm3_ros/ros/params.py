@@ -5,7 +5,8 @@ flag). :func:`declare` declares a table on a node with a ``ParameterDescriptor``
 ``IntegerRange`` / ``FloatingPointRange``, ``read_only`` where a change needs a restart, the
 choices in ``additional_constraints``). :class:`ParameterGuard` validates every later change in an
 on-set-parameters callback: a bad value is rejected with a message naming it and the old value is
-kept; accepted changes are handed to the node.
+kept; accepted changes are handed to the node. Changes rclpy itself refuses from the descriptors
+(type, range, read-only; our callback never sees them) are counted too, in a pre-set callback.
 
 The tables here are the single source of truth: ``config/perception.yaml`` documents exactly
 these parameters (a test checks that).
@@ -112,6 +113,23 @@ def check_value(param: Param, value: Any) -> Optional[str]:
     return None
 
 
+def descriptor_violation(param: Param, type_: Any, value: Any) -> Optional[str]:
+    """What rclpy refuses from ``param``'s descriptor for a new value: read-only, type, range (or None)."""
+    from rclpy.parameter import Parameter
+
+    if type_ == Parameter.Type.NOT_SET:
+        return None
+    if param.read_only:
+        return f"{param.name} is read-only (it takes effect only at start)"
+    types = {"bool": Parameter.Type.BOOL, "int": Parameter.Type.INTEGER, "float": Parameter.Type.DOUBLE,
+             "str": Parameter.Type.STRING, "float_array": Parameter.Type.DOUBLE_ARRAY}
+    if type_ != types[param.kind]:
+        return f"{param.name} must be of type {param.kind}, got {value!r}"
+    if param.range is not None and not (param.range[0] <= value <= param.range[1]):
+        return f"{param.name} = {value} is outside [{param.range[0]}, {param.range[1]}]"
+    return None
+
+
 def _frame_name(name: str) -> Callable[[Any], Optional[str]]:
     def check(value: str) -> Optional[str]:
         if value.startswith("/") or any(c.isspace() for c in value):
@@ -178,8 +196,9 @@ INPUT_PARAMS: Tuple[Param, ...] = (
           read_only=True),
     Param("sync_tolerance", 0.0, "Largest stamp difference (s) between messages paired into one frame "
           "(0: exact stamps).", range=(0.0, 1.0)),
-    Param("sync_expiry", 1.0, "Unpaired messages older than this (s, message time) behind the newest are "
-          "dropped and counted.", range=(0.001, 60.0)),
+    Param("sync_expiry", 1.0, "A waiting message is dropped (counted unpaired) once a stream it still lacks has "
+          "moved this far (s, message time) past it; a stream's own stamps going back this far twice in a row is a "
+          "time jump.", range=(0.001, 60.0)),
     Param("max_image_side", 16384, "Images wider or taller than this (px) are rejected and counted.",
           range=(16, 16384)),
     Param("min_image_side", 16, "Images narrower or shorter than this (px) are rejected and counted.",
@@ -196,7 +215,14 @@ QUERY_PARAMS: Tuple[Param, ...] = (
           choices=("grid", "features")),
 )
 
-DEPTH_NODE_PARAMS: Tuple[Param, ...] = LIFECYCLE_PARAMS + BACKEND_PARAMS + INPUT_PARAMS + QUERY_PARAMS + (
+#: Plausibility limits of answered and reference depths (both nodes).
+DEPTH_LIMIT_PARAMS: Tuple[Param, ...] = (
+    Param("max_depth", 100.0, "Depths beyond this (m) are not used: answers farther away are left out of the "
+          "outputs, reference depth pixels beyond it are unknown, and a PnP motion longer than it is refused.",
+          range=(0.01, 1e6)),
+)
+
+DEPTH_NODE_PARAMS: Tuple[Param, ...] = LIFECYCLE_PARAMS + BACKEND_PARAMS + INPUT_PARAMS + QUERY_PARAMS + DEPTH_LIMIT_PARAMS + (
     Param("depth_kind", "spec", "What a depth answer measures: spec (as the checkpoint's task spec says; ray "
           "for VLM3), ray (distance from the camera centre) or z (along the optical axis).",
           choices=("spec", "ray", "z")),
@@ -219,7 +245,7 @@ DEPTH_NODE_PARAMS: Tuple[Param, ...] = LIFECYCLE_PARAMS + BACKEND_PARAMS + INPUT
           "a ground robot drives; 1 doubles its share).", range=(0.0, 10.0)),
 )
 
-ODOMETRY_NODE_PARAMS: Tuple[Param, ...] = LIFECYCLE_PARAMS + BACKEND_PARAMS + INPUT_PARAMS + QUERY_PARAMS + (
+ODOMETRY_NODE_PARAMS: Tuple[Param, ...] = LIFECYCLE_PARAMS + BACKEND_PARAMS + INPUT_PARAMS + QUERY_PARAMS + DEPTH_LIMIT_PARAMS + (
     Param("correspondence_model", "", "Checkpoint for the correspondence task (empty: model).", read_only=True),
     Param("depth_model", "", "Checkpoint for the depth answers used by PnP (empty: model).", read_only=True),
     Param("mode", "both", "Relative pose from: pose (the VLM3 pose questions), correspondence (correspondence "
@@ -259,6 +285,13 @@ ODOMETRY_NODE_PARAMS: Tuple[Param, ...] = LIFECYCLE_PARAMS + BACKEND_PARAMS + IN
           "(covariance growing by noise.lost_variance) instead of nothing."),
     Param("publish_debug_image", False, "Publish correspondences/image: keyframe and current frame side by "
           "side with the correspondences drawn (inliers green)."),
+) + (
+    # Lost frames and the first pose's covariance.
+    Param("max_lost_frames", 10, "Frames in a row that cannot be measured against the keyframe before the "
+          "current frame becomes the keyframe at the held pose (until then the next measured frame is measured "
+          "against the keyframe, so no motion is lost).", range=(1, 10000)),
+    Param("noise.initial_variance", 1e-6, "Variance of every axis of the first pose (odom is defined by it; a "
+          "small positive prior keeps the covariance positive definite for filters).", range=(1e-12, 100.0)),
 )
 
 # --- object node ---
@@ -269,7 +302,7 @@ def _max_new_tokens(default: int) -> Tuple[Param, ...]:
     return tuple(replace(p, default=default) if p.name == "max_new_tokens" else p for p in BACKEND_PARAMS)
 
 
-OBJECT_NODE_PARAMS: Tuple[Param, ...] = LIFECYCLE_PARAMS + _max_new_tokens(96) + INPUT_PARAMS + (
+OBJECT_NODE_PARAMS: Tuple[Param, ...] = LIFECYCLE_PARAMS + _max_new_tokens(96) + INPUT_PARAMS + DEPTH_LIMIT_PARAMS + (
     Param("depth_model", "", "Checkpoint for the depth questions inside each box (empty: model; the released "
           "VLM3-object checkpoint needs VLM3-depth here).", read_only=True),
     Param("depth_kind", "spec", "What a depth answer measures: spec (as the checkpoint's task spec says; ray "
@@ -340,6 +373,8 @@ class ParameterGuard:
         if error:
             raise ValueError(f"invalid parameters: {error}")
         node.add_on_set_parameters_callback(self._on_set)
+        if hasattr(node, "add_pre_set_parameters_callback"):  # rclpy Iron and later
+            node.add_pre_set_parameters_callback(self._pre_set)
 
     def snapshot(self) -> Dict[str, Any]:
         """A copy of the current values."""
@@ -377,6 +412,18 @@ class ParameterGuard:
         if changed and self._on_change is not None:
             self._on_change(changed)
         return SetParametersResult(successful=True)
+
+    def _pre_set(self, parameters: List[Any]) -> List[Any]:
+        """Count a change that rclpy will refuse from the descriptor before :meth:`_on_set` runs."""
+        for parameter in parameters:
+            param = self.table.get(parameter.name)
+            if param is None:
+                continue
+            reason = descriptor_violation(param, parameter.type_, parameter.value)
+            if reason:
+                self._reject(reason)
+                break
+        return parameters
 
     def _reject(self, reason: str) -> SetParametersResult:
         self.rejected += 1
