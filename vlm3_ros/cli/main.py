@@ -18,6 +18,7 @@ COMMANDS = {
     "query": "query",
     "bench": "bench",
     "perception": "perception",
+    "serve": "serve",
     "bag": "bag",
     "play": "play",
     "demo": "demo",

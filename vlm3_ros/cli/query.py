@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from .server_options import SERVER_URL_HELP, add_server_options, server_backend
+
 HELP = "Ask a VLM3 model (or the oracle) for depth, correspondences or pose on image files."
 
 
@@ -25,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="checkpoint directory or hub id (hub ids need the local cache or --online)")
     source.add_argument("--oracle", action="store_true", help="answer from ground truth (--depth / --relative-pose)")
+    source.add_argument("--server", metavar="URL", help=SERVER_URL_HELP)
     parser.add_argument("--adapter", help="LoRA adapter directory applied to --model")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
@@ -44,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--think", action="store_true", help="correspondence: ask for a think block")
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--json", nargs="?", const="-", help="write JSON (to a path, or - for stdout)")
+    add_server_options(parser)
 
 
 def _read_rgb(path: Path) -> np.ndarray:
@@ -118,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
         backend = (
             load_backend("oracle")
             if args.oracle
+            else server_backend(args)
+            if args.server
             else load_backend("transformers", checkpoint=args.model, adapter=args.adapter, device=args.device,
                               dtype=args.dtype, offline=not args.online)
         )

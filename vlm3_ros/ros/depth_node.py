@@ -70,12 +70,16 @@ class DepthNode(PerceptionNode):
     def backend_description(self) -> str:
         return backend_cache.settings_from_params(self.params.snapshot()).describe()
 
+    def diagnostic_values(self) -> Dict[str, Any]:
+        return backend_cache.health_values({"depth": self.backend})
+
     def setup(self) -> None:
         if self._given_backend is not None:
             self.backend = self._given_backend
         else:
             self.backend = backend_cache.shared_backend(backend_cache.settings_from_params(self.params.snapshot()))
-        self.backend.spec("depth")  # fails early, naming the tasks served, if the model has no depth task
+        # fails early, naming the tasks served, if the model has no depth task (a server still down: at the first frame)
+        backend_cache.check_task(self.backend, "depth", self.get_logger())
         self.get_logger().info(f"depth backend ready: {self.backend.describe()}")
 
     def _depth_estimator(self, values: Dict[str, Any]) -> DepthEstimator:
@@ -108,7 +112,7 @@ class DepthNode(PerceptionNode):
         except CameraError as exc:
             raise FrameRejected("bad_camera_info", f"the depth task cannot prepare this camera: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - a model failure must not end the node
-            raise FrameRejected("backend_error", f"{type(exc).__name__}: {exc}") from None
+            raise FrameRejected(backend_cache.failure_kind(exc), f"{type(exc).__name__}: {exc}") from None
         failures = result.parse_failures
         first = next((e for e in result.errors if e is not None and not e.startswith("outside")), None)
         self.stats.parse_failed(failures, first)

@@ -4,7 +4,8 @@
 :meth:`NodeStats.status` turns them into one ``diagnostic_msgs/DiagnosticStatus`` per node:
 
 * level ERROR when the backend failed to load, WARN when frames were rejected, answers failed to
-  parse or frames were dropped since the previous report, OK otherwise;
+  parse or frames were dropped since the previous report, or a server backend's last request
+  failed (``backend_connection``: ``backend_unreachable``, ``backend_timeout``...), OK otherwise;
 * key/values: backend and its state, input rate per stream, output rate, latency (mean, max over
   the window), processed / dropped (busy) / unpaired counts, rejected frames per kind, parse
   failures, the last problem.
@@ -140,6 +141,11 @@ class NodeStats:
                 f"{changed[k]} {k}" for k in problems)
         else:
             level, message = DiagnosticStatus.OK, worker.state
+        connection = str((extra or {}).get("backend_connection", "connected"))
+        if level != DiagnosticStatus.ERROR and connection not in ("connected", "not contacted"):
+            # A remote backend's last request failed (unreachable, timeout...): say so first.
+            level = DiagnosticStatus.WARN
+            message = f"backend {connection}; {message}"
         values = {
             "backend": backend,
             "backend_state": worker.state,

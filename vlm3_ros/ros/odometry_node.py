@@ -126,13 +126,14 @@ class OdometryNode(PerceptionNode):
 
     def backend_description(self) -> str:
         values = self.params.snapshot()
-        if values["backend"] == "oracle":
-            return "oracle"
+        if values["backend"] in ("oracle", "server"):
+            return backend_cache.settings_from_params(values).describe()
         return ", ".join(f"{task}={values[p] or values['model']}" for task, p in TASK_MODELS.items())
 
     def diagnostic_values(self) -> Dict[str, Any]:
         u = self.last_update
         out: Dict[str, Any] = {"tf_output": self.tf.backend, "extrinsic_source": self.extrinsic.source}
+        out.update(backend_cache.health_values({**self._backends, **self._given}))
         if u is not None:
             out.update({"status": u.status, "source": u.estimate.source if u.estimate else "",
                         "inliers": u.estimate.inliers if u.estimate else 0,
@@ -148,7 +149,7 @@ class OdometryNode(PerceptionNode):
             values = self.params.snapshot()
             settings = backend_cache.settings_from_params(values, model=values[TASK_MODELS[task]] or None)
             backend = backend_cache.shared_backend(settings)
-            backend.spec(task)
+            backend_cache.check_task(backend, task, self.get_logger())
             self._backends[task] = backend
         return self._backends[task]
 
@@ -208,7 +209,7 @@ class OdometryNode(PerceptionNode):
         except CameraError as exc:
             raise FrameRejected("bad_camera_info", f"the odometry tasks cannot prepare this camera: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - a model failure must not end the node
-            raise FrameRejected("backend_error", f"{type(exc).__name__}: {exc}") from None
+            raise FrameRejected(backend_cache.failure_kind(exc), f"{type(exc).__name__}: {exc}") from None
         self.last_update = update
         self.stats.parse_failed(update.parse_failures, update.errors[0] if update.errors else None)
         if update.status == "lost":
