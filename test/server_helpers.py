@@ -68,6 +68,9 @@ class ServedModel:
         self.stop()
         raise RuntimeError(f"vlm3-ros serve did not become ready within {timeout} s; log {self.log}")
 
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def stop(self, timeout: float = 120.0) -> Optional[int]:
         """SIGTERM to ``vlm3-ros serve`` (which stops the server); its exit status."""
         if self.process is None:
