@@ -27,10 +27,10 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--retries", type=int, default=2, help="retries after a transient fault (default 2)")
 
 
-def server_backend(args: argparse.Namespace, url: str | None = None) -> Any:
-    """The server backend of ``args`` (``url`` overrides ``args.server``)."""
+def server_backend(args: argparse.Namespace, *, concurrency: int | None = None) -> Any:
+    """The server backend of ``args`` (``concurrency`` overrides ``--concurrency``)."""
     from ..engine import load_backend
 
-    return load_backend("server", url=url or args.server, model=args.server_model, api_key_env=args.api_key_env,
-                        protocol_source=args.protocol, timeout=args.server_timeout, concurrency=args.concurrency,
-                        retries=args.retries)
+    return load_backend("server", url=args.server, model=args.server_model, api_key_env=args.api_key_env,
+                        protocol_source=args.protocol, timeout=args.server_timeout,
+                        concurrency=concurrency or args.concurrency, retries=args.retries)
