@@ -3,7 +3,7 @@
     ros2 launch vlm3_ros perception.launch.py model:=/path/to/checkpoint image:=/camera/image_raw
 
 Arguments: params_file (default: the package's config/perception.yaml), model, backend,
-image, camera_info, reference_depth, reference_pose (topics remapped onto the nodes' inputs),
+server_url (backend server), image, camera_info, reference_depth, reference_pose (topics remapped onto the nodes' inputs),
 namespace, use_sim_time. `vlm3-ros perception` runs the same nodes with the same parameter file
 and topic arguments in one process, for installs without `ros2 launch`.
 """
@@ -34,7 +34,8 @@ TOPICS = {
 #: other launch arguments: name -> (default, description)
 ARGUMENTS = {
     "model": ("", "Checkpoint directory or hub id (overrides the model parameter when set)"),
-    "backend": ("", "transformers or oracle (overrides the backend parameter when set)"),
+    "backend": ("", "transformers, server or oracle (overrides the backend parameter when set)"),
+    "server_url": ("", "Base URL of the OpenAI-compatible server for backend server (overrides server.url when set)"),
     "namespace": ("", "Namespace of both nodes"),
     "use_sim_time": ("false", "Use /clock (bag playback)"),
 }
@@ -43,10 +44,10 @@ ARGUMENTS = {
 def _nodes(context, *args, **kwargs):
     params_file = LaunchConfiguration("params_file").perform(context)
     overrides = {"use_sim_time": LaunchConfiguration("use_sim_time").perform(context).lower() in ("true", "1")}
-    for name in ("model", "backend"):
+    for name, parameter in (("model", "model"), ("backend", "backend"), ("server_url", "server.url")):
         value = LaunchConfiguration(name).perform(context)
         if value:
-            overrides[name] = value
+            overrides[parameter] = value
     remappings = [(topic, LaunchConfiguration(topic).perform(context)) for topic in TOPICS]
     namespace = LaunchConfiguration("namespace").perform(context)
     return [
