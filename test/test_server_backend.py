@@ -23,6 +23,7 @@ import pytest
 
 pytest.importorskip("httpx")
 
+from ros_perception_helpers import perception_nodes  # noqa: E402,F401  (a fixture)
 from vlm3_ros import protocol  # noqa: E402
 from vlm3_ros.engine import EngineError, Request, load_backend  # noqa: E402
 from vlm3_ros.engine.server_backend import ServerBackend, ServerError, png_data_url  # noqa: E402
@@ -272,3 +273,111 @@ def test_bad_settings_are_refused_with_the_reason():
     with pytest.raises(EngineError, match="needs the server's URL"):
         load_backend("server")
     assert ServerBackend("http://host:8000").url == ServerBackend("http://host:8000/v1/").url == "http://host:8000/v1"
+
+
+# ------------------------------------------------------------------------------------------------
+# Serving a checkpoint (no vLLM needed: what is prepared and the command line)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_server_view_adds_what_vllm_wants_and_leaves_the_checkpoint_alone(tiny_checkpoint, tmp_path):
+    from vlm3_ros.engine.serving import prepare_checkpoint
+
+    before = {p.name: p.read_bytes() for p in tiny_checkpoint.iterdir() if p.is_file()}
+    view = prepare_checkpoint(tiny_checkpoint, tmp_path / "served")
+    assert view != tiny_checkpoint and view.parent == tmp_path / "served"
+    assert {p.name: p.read_bytes() for p in tiny_checkpoint.iterdir() if p.is_file()} == before
+    image = json.loads((tiny_checkpoint / "processor_config.json").read_text())["image_processor"]
+    video = json.loads((view / "video_preprocessor_config.json").read_text())
+    assert video["video_processor_type"] == "Qwen3VLVideoProcessor"
+    assert all(video[k] == image[k] for k in ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std"))
+    tokenizer = json.loads((view / "tokenizer_config.json").read_text())
+    assert tokenizer["processor_class"] == "Qwen3VLProcessor"
+    assert {k: v for k, v in tokenizer.items() if k != "processor_class"} == {
+        k: v for k, v in json.loads(before["tokenizer_config.json"]).items() if k != "processor_class"}
+    # Everything else is the checkpoint's own file (linked, not copied), the protocol file included.
+    for name in before:
+        if name != "tokenizer_config.json":
+            assert (view / name).resolve() == (tiny_checkpoint / name).resolve(), name
+    assert prepare_checkpoint(tiny_checkpoint, tmp_path / "served") == view  # made once
+    assert prepare_checkpoint(view, tmp_path / "again") == view.resolve()  # nothing missing: served as it is
+
+
+def test_vllm_command_line(tmp_path):
+    from vlm3_ros.engine.serving import vllm_command
+
+    protocol.save_protocol(tmp_path, [protocol.DEPTH, protocol.POSE])
+    cpu = vllm_command("/venv/bin/python", tmp_path, port=8123, served_name="/ckpt", dtype="float32", device="cpu")
+    assert cpu[:3] == ["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    text = " ".join(cpu)
+    assert f"--model {tmp_path} --host 127.0.0.1 --port 8123 --served-model-name /ckpt --dtype float32" in text
+    assert json.loads(cpu[cpu.index("--limit-mm-per-prompt") + 1]) == {"image": 2, "video": 0}  # pose: 2 images
+    assert "--block-size 32" in text and "--enforce-eager" in text
+    gpu = vllm_command("python", tmp_path, device="cuda", extra=["--dtype", "bfloat16", "--max-model-len", "4096"])
+    assert "--block-size" not in gpu and "--enforce-eager" not in gpu
+    assert gpu.count("--dtype") == 1 and gpu[-4:] == ["--dtype", "bfloat16", "--max-model-len", "4096"]
+
+
+def test_serve_command_takes_its_options_and_passes_the_rest_to_vllm():
+    from vlm3_ros.cli import serve
+    from vlm3_ros.cli.main import COMMANDS, build_parser
+
+    parser = build_parser("vlm3-ros", "", "vlm3_ros.cli", COMMANDS)
+    for argv, port, dtype, extra in [
+        (["serve", "M", "--port", "1", "--", "--max-model-len", "4096"], 1, "auto", ["--max-model-len", "4096"]),
+        (["serve", "--port", "3", "M", "--dtype", "float32"], 3, "float32", []),
+        (["serve", "M", "--", "--enforce-eager"], 8000, "auto", ["--enforce-eager"]),
+        (["serve", "M", "--max-num-seqs", "8", "--host", "0.0.0.0"], 8000, "auto", ["--max-num-seqs", "8"]),
+    ]:
+        args, rest = serve._split_server_args(parser.parse_args(argv))
+        assert (args.model, args.port, args.dtype, rest) == ("M", port, dtype, extra), argv
+
+
+# ------------------------------------------------------------------------------------------------
+# A depth node on the server backend (stand-in server)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_depth_node_counts_server_faults_says_so_on_diagnostics_and_recovers(ros, perception_nodes, standin):
+    pytest.importorskip("rclpy")
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.parameter import Parameter
+    from sensor_msgs.msg import PointCloud2
+
+    from ros_perception_helpers import Collector, FramePublisher, diagnostic_values
+    from vlm3_ros.ros import backends
+    from vlm3_ros.ros.depth_node import DepthNode
+
+    backends.clear_cache()
+    params = [Parameter("backend", value="server"), Parameter("server.url", value=standin.url),
+              Parameter("server.retries", value=0), Parameter("query_count", value=9),
+              Parameter("diagnostics_period", value=0.2)]
+    node = perception_nodes(DepthNode(context=ros.context, parameter_overrides=params))
+    client = ros.node("camera")
+    cam = FramePublisher(client)
+    clouds = Collector(client, PointCloud2, "points")
+    diagnostics = Collector(client, DiagnosticArray, "/diagnostics")
+    assert cam.wait_matched(ros) and ros.spin_until(lambda: node.worker.state == "ready", 30)
+    intrinsics = Intrinsics.from_focal(64, 48, 50.0)
+
+    def frame(t):
+        cam.publish(FramePublisher.messages(t, _frame(int(t)), intrinsics))
+
+    def diag():
+        return diagnostic_values(diagnostics, node.get_fully_qualified_name()) or {}
+
+    frame(1.0)
+    assert ros.spin_until(lambda: len(clouds) == 1, 30)
+    assert clouds.messages[0].width == 9 and diag().get("backend_connection") == "connected"
+    standin.mode = "status:500"
+    frame(2.0)
+    assert ros.spin_until(lambda: diag().get("rejected.backend_server_error") == "1", 30), diag()
+    values = diag()
+    assert values["backend_connection"] == "backend_server_error" and values["_level"] == 1
+    assert "backend_server_error" in values["_message"] and "HTTP 500" in values["backend_last_error"]
+    assert values["backend_state"] == "ready" and len(clouds) == 1
+    standin.mode = "ok"
+    frame(3.0)
+    assert ros.spin_until(lambda: len(clouds) == 2 and diag().get("backend_connection") == "connected", 30), diag()
+    assert diag()["backend_reconnects"] == "1" and diag()["_level"] == 0
+    backends.clear_cache()
