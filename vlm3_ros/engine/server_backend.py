@@ -260,7 +260,7 @@ class ServerBackend(Backend):
         # the answer text leaves it out, the in-process engine keeps it (answers close their tags).
         matched = choice.get("stop_reason", choice.get("matched_stop"))
         if reason == "stop" and isinstance(matched, str) and matched in stops:
-            text += matched
+            text += "" if text.endswith(matched) else matched  # a server may keep it already
             finish = "stop"
         elif reason == "stop":
             finish = "eos"

@@ -181,12 +181,13 @@ def failure_kind(exc: BaseException, default: str = "backend_error") -> str:
 
 
 def check_task(backend: Backend, task: str, logger: Any = None) -> None:
-    """Fail early when ``backend`` does not serve ``task``; a server that cannot be asked yet (down,
-    starting) is not a failure: the task is checked again with the first frame."""
+    """Fail early when ``backend`` does not serve ``task``. A server that cannot be asked (down,
+    starting, refusing the request) is not a failure: the node starts, counts its frames under the
+    fault's kind, and checks the task again with each frame until the server answers."""
     try:
         backend.spec(task)
     except EngineError as exc:
-        if not getattr(exc, "transient", False):
+        if failure_kind(exc, "") == "":
             raise
         if logger is not None:
             logger.warning(f"{failure_kind(exc)}: {exc}; serving {task} once the server answers")
