@@ -100,7 +100,7 @@ def _run_fleet(url: str, engine: Any, frames: List[np.ndarray], camera: Any, rob
     if engine is None:
         params += [Parameter("backend", value="server"), Parameter("server.url", value=url)]
     else:  # one model for every robot: calls serialised, as vlm3-ros perception shares a checkpoint
-        params += [Parameter("model", value=str(getattr(engine, "checkpoint").path))]
+        params += [Parameter("model", value=str(engine.checkpoint.path))]
         engine = backends.SharedBackend(engine)
     names = [f"robot{k + 1}" for k in range(robots)]
     nodes = [DepthNode(context=context, namespace=name, backend=engine, parameter_overrides=params) for name in names]
