@@ -21,6 +21,7 @@ COMMANDS = {
     "bench-dense": "bench_dense",
     "bench-node": "bench_node",
     "perception": "perception",
+    "serve": "serve",
     "bag": "bag",
     "play": "play",
     "demo": "demo",

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from .server_options import SERVER_URL_HELP, add_server_options, server_backend
+
 HELP = "Ask a VLM3 model (or the oracle) for depth, correspondences, pose or objects on image files."
 
 
@@ -32,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="checkpoint directory or hub id (hub ids need the local cache or --online)")
     source.add_argument("--oracle", action="store_true", help="answer from ground truth (--depth / --relative-pose)")
+    source.add_argument("--server", metavar="URL", help=SERVER_URL_HELP)
     parser.add_argument("--adapter", help="LoRA adapter directory applied to --model")
     parser.add_argument("--device", default="auto", help="torch device: auto (CUDA when available), cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
@@ -55,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                         help="tokens generated per answer at most (default: the pipeline's, 32 to 64 by task)")
     parser.add_argument("--json", nargs="?", const="-", help="write JSON (to a path, or - for stdout)")
+    add_server_options(parser)
     obj = parser.add_argument_group("object task")
     obj.add_argument("--box", type=float, nargs=4, action="append", metavar=("X1", "Y1", "X2", "Y2"),
                      help="an image box in pixels, corners (repeatable)")
@@ -232,6 +236,8 @@ def _run(args: argparse.Namespace) -> int:
     backend = (
         load_backend("oracle")
         if args.oracle
+        else server_backend(args)
+        if args.server
         else load_backend("transformers", checkpoint=args.model, adapter=args.adapter, device=args.device,
                           dtype=args.dtype, offline=not args.online)
     )

@@ -83,8 +83,9 @@ class DepthNode(PerceptionNode):
         return ("reference_depth",) if values["backend"] == "oracle" else ()
 
     def diagnostic_values(self) -> Dict[str, Any]:
-        """The last dense frame: questions per round and the share of pixels kept in depth/dense."""
-        return dict(self._dense_stats)
+        """The backend's connection state (server backend) and the last dense frame: questions per
+        round and the share of pixels kept in depth/dense."""
+        return {**backend_cache.health_values({"depth": self.backend}), **self._dense_stats}
 
     def backend_description(self) -> str:
         return backend_cache.settings_from_params(self.params.snapshot()).describe()
@@ -94,7 +95,8 @@ class DepthNode(PerceptionNode):
             self.backend = self._given_backend
         else:
             self.backend = backend_cache.shared_backend(backend_cache.settings_from_params(self.params.snapshot()))
-        self.backend.spec("depth")  # fails early, naming the tasks served, if the model has no depth task
+        # fails early, naming the tasks served, if the model has no depth task (a server still down: at the first frame)
+        backend_cache.check_task(self.backend, "depth", self.get_logger())
         self.get_logger().info(f"depth backend ready: {self.backend.describe()}")
 
     def teardown(self) -> None:
@@ -139,7 +141,7 @@ class DepthNode(PerceptionNode):
         except CameraError as exc:
             raise FrameRejected("bad_camera_info", f"the depth task cannot prepare this camera: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - a model failure must not end the node
-            raise FrameRejected("backend_error", f"{type(exc).__name__}: {exc}") from None
+            raise FrameRejected(backend_cache.failure_kind(exc), f"{type(exc).__name__}: {exc}") from None
         if result.response is not None:
             self.stats.backend_time(result.response.timings.get("total", float("nan")))
         failures = result.parse_failures

@@ -5,7 +5,9 @@
 
 * level ERROR when the backend failed to load, WARN when frames were rejected, answers failed to
   parse, frames were dropped, messages arrived late or stamps jumped back since the previous
-  report, OK otherwise (answers the oracle has no reference for are counted, not warned about);
+  report, or a server backend's last request failed (``backend_connection``:
+  ``backend_unreachable``, ``backend_timeout``...), OK otherwise (answers the oracle has no
+  reference for are counted, not warned about);
 * key/values: backend and its state, input rate per stream, output rate, latency (mean, max over
   the window; and its parts: waiting for the worker, processing, of which the backend's answer),
   processed / dropped (busy) /
@@ -170,6 +172,11 @@ class NodeStats:
                 f"{changed[k]} {k}" for k in problems)
         else:
             level, message = DiagnosticStatus.OK, worker.state
+        connection = str((extra or {}).get("backend_connection", "connected"))
+        if level != DiagnosticStatus.ERROR and connection not in ("connected", "not contacted"):
+            # A remote backend's last request failed (unreachable, timeout...): say so first.
+            level = DiagnosticStatus.WARN
+            message = f"backend {connection}; {message}"
         values = {
             "backend": backend,
             "backend_state": worker.state,

@@ -38,6 +38,7 @@ from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackRet
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
 from ..camera import Intrinsics
+from ..engine import EngineError
 from .conversions import FrameRejected, check_image_size, depth_metres, image_rgb, image_size, intrinsics_for, stamp_ns
 from .diagnostics import NodeStats, Throttle
 from .params import Param, ParameterGuard, declare
@@ -357,7 +358,9 @@ class PerceptionNode(LifecycleNode):
             self.stats.served(now - paired_at, wait=started - paired_at, process=now - started)
 
     def _on_worker_error(self, item: Any, exc: BaseException) -> None:
-        self.problem("internal_error", f"{type(exc).__name__}: {exc}")
+        # A server fault raised outside process()'s own handling still counts under its kind.
+        kind = getattr(exc, "kind", None) if isinstance(exc, EngineError) else None
+        self.problem(kind or "internal_error", f"{type(exc).__name__}: {exc}")
 
     def problem(self, kind: str, message: str, *, skipped: bool = True) -> None:
         """Count a problem of ``kind`` and warn about it (throttled per kind)."""

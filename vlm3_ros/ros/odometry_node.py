@@ -132,13 +132,14 @@ class OdometryNode(PerceptionNode):
 
     def backend_description(self) -> str:
         values = self.params.snapshot()
-        if values["backend"] == "oracle":
-            return "oracle"
+        if values["backend"] in ("oracle", "server"):
+            return backend_cache.settings_from_params(values).describe()
         return ", ".join(f"{task}={values[p] or values['model']}" for task, p in TASK_MODELS.items())
 
     def diagnostic_values(self) -> Dict[str, Any]:
         u = self.last_update
         out: Dict[str, Any] = {"tf_output": self.tf.backend, "extrinsic_source": self.extrinsic.source}
+        out.update(backend_cache.health_values({**self._backends, **self._given}))
         if u is not None:
             out.update({"status": u.status, "source": u.estimate.source if u.estimate else "",
                         "inliers": u.estimate.inliers if u.estimate else 0,
@@ -162,7 +163,16 @@ class OdometryNode(PerceptionNode):
         missing = []
         for task in tasks:
             backend = self._backend(task)
-            if task not in backend.specs:
+            try:
+                served = backend.specs
+            except EngineError as exc:
+                if backend_cache.failure_kind(exc, "") == "":
+                    raise
+                # A server still down or starting: the node starts and checks with each frame.
+                self.get_logger().warning(f"{backend_cache.failure_kind(exc)}: {exc}; serving {task} once the server "
+                                          "answers")
+                continue
+            if task not in served:
                 source = "oracle" if values["backend"] == "oracle" else values[TASK_MODELS[task]] or values["model"]
                 missing.append(f"{task} ({TASK_MODELS[task]}: {source} serves {', '.join(sorted(backend.specs))})")
         if missing:
@@ -231,7 +241,7 @@ class OdometryNode(PerceptionNode):
         except CameraError as exc:
             raise FrameRejected("bad_camera_info", f"the odometry tasks cannot prepare this camera: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - a model failure must not end the node
-            raise FrameRejected("backend_error", f"{type(exc).__name__}: {exc}") from None
+            raise FrameRejected(backend_cache.failure_kind(exc), f"{type(exc).__name__}: {exc}") from None
         self.last_update = update
         self.stats.parse_failed(update.parse_failures, update.errors[0] if update.errors else None)
         self.stats.unreferenced(update.no_reference)

@@ -32,6 +32,7 @@ __all__ = [
     "ODOMETRY_NODE_PARAMS",
     "Param",
     "ParameterGuard",
+    "SERVER_PARAMS",
     "declare",
     "check_value",
 ]
@@ -160,10 +161,42 @@ def _vector(name: str, lengths: Sequence[int]) -> Callable[[Any], Optional[str]]
 # Tables
 # ------------------------------------------------------------------------------------------------
 
+def _server_url(value: str) -> Optional[str]:
+    if not value.startswith(("http://", "https://")):
+        return f"server.url must start with http:// or https://, got {value!r}"
+    return None
+
+
+def _variable_name(value: str) -> Optional[str]:
+    if value and not value.replace("_", "a").isalnum():
+        return f"server.api_key_env must name an environment variable (letters, digits, _), got {value!r}"
+    return None
+
+
+#: The server backend's parameters (backend: server): an OpenAI-compatible vLLM or SGLang server.
+SERVER_PARAMS: Tuple[Param, ...] = (
+    Param("server.url", "http://127.0.0.1:8000/v1", "Base URL of the OpenAI-compatible server (vLLM, SGLang) "
+          "for backend server.", read_only=True, check=_server_url),
+    Param("server.model", "", "Served model name (empty: the server's only model).", read_only=True),
+    Param("server.api_key_env", "", "Name of the environment variable holding the server's API key (empty: "
+          "none). The key itself is never a parameter and never logged.", read_only=True, check=_variable_name),
+    Param("server.protocol", "", "Checkpoint directory or vlm3_protocol.json with the task specs (empty: the "
+          "served model's directory when it is on this machine, else the built-in VLM3 specs).", read_only=True),
+    Param("server.timeout", 30.0, "Seconds one request may take before the frame counts as backend_timeout.",
+          read_only=True, range=(0.1, 3600.0)),
+    Param("server.concurrency", 64, "Requests in flight at most (all nodes of the process sharing the server).",
+          read_only=True, range=(1, 4096)),
+    Param("server.retries", 2, "Retries of a request after a transient fault (unreachable, timeout, 5xx).",
+          read_only=True, range=(0, 10)),
+    Param("server.backoff", 0.5, "Seconds before the first retry, doubled for each further one.",
+          read_only=True, range=(0.0, 60.0)),
+)
+
 BACKEND_PARAMS: Tuple[Param, ...] = (
-    Param("backend", "transformers", "Inference backend: transformers (a Qwen3-VL checkpoint in process) or "
-          "oracle (answers from the reference depth / pose topics, for validation).", read_only=True,
-          choices=("transformers", "oracle")),
+    Param("backend", "transformers", "Inference backend: transformers (a Qwen3-VL checkpoint in process), "
+          "server (an OpenAI-compatible vLLM / SGLang server, server.* parameters) or oracle (answers from "
+          "the reference depth / pose topics, for validation).", read_only=True,
+          choices=("transformers", "server", "oracle")),
     Param("model", "", "Checkpoint directory or hub id for the transformers backend (a checkpoint serving "
           "several tasks is loaded once per process).", read_only=True),
     Param("adapter", "", "Optional LoRA adapter directory merged into the model at load.", read_only=True),
@@ -173,7 +206,7 @@ BACKEND_PARAMS: Tuple[Param, ...] = (
     Param("max_batch", 64, "Questions decoded together at most (bounds memory).", read_only=True, range=(1, 4096)),
     Param("offline", True, "Resolve hub ids from the local cache only (never download).", read_only=True),
     Param("max_new_tokens", 48, "Tokens generated per answer at most.", range=(1, 4096)),
-)
+) + SERVER_PARAMS
 
 #: How the node starts (see vlm3_ros.ros.node_base).
 LIFECYCLE_PARAMS: Tuple[Param, ...] = (
