@@ -38,10 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-dataset", help="bags: keep the converted dataset at this path")
     parser.add_argument("--dense", type=int, default=0, metavar="N",
                         help="bags: also score dense depth from N questions per frame (grid + adaptive second round, "
-                             "as the depth node) against each frame's depth image (0: off)")
-    parser.add_argument("--dense-share", type=float, default=0.35, help="bags: share of the N asked in the second round")
+                             "as the depth node) against each frame's depth image (default 0: off)")
+    parser.add_argument("--dense-share", type=float, default=0.35, help="bags: share of the N asked in the second round (default 0.35)")
     parser.add_argument("--dense-frames", type=int, default=0, help="bags: at most this many frames per bag for dense "
-                        "depth (0: all; --frame-stride applies)")
+                        "depth (default 0: all; --frame-stride applies)")
     parser.add_argument("--no-plots", action="store_true", help="write report.json only")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_server_options(parser)
