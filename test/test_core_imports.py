@@ -10,6 +10,8 @@ CORE = [
     "vlm3_ros.geometry",
     "vlm3_ros.metrics",
     "vlm3_ros.pipeline",
+    "vlm3_ros.completion",
+    "vlm3_ros.dense_eval",
     "vlm3_ros.msg_codec",
     "vlm3_ros.engine",
     "vlm3_ros.engine.transformers_backend",

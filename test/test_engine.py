@@ -248,3 +248,35 @@ def test_same_tokens_detects_any_difference():
     assert not same_tokens(Response(answers=[], token_ids=[[1, 2], [4, 5]], finish_reasons=["length", "eos"]), ref)
     assert not same_tokens(Response(answers=[], token_ids=[[1, 9, 3], [4, 5]], finish_reasons=["length", "eos"]), ref)
     assert not same_tokens(Response(answers=[], token_ids=[[1, 2, 3]], finish_reasons=["length"]), ref)
+
+
+def test_second_round_about_the_same_image_reuses_the_prefix(varied_backend):
+    """A later request about the same image (a second round of questions) runs neither the vision
+    tower nor the prefix again and still answers exactly as one generate() per question."""
+    image = _image(11)
+    first = Request(images=[image], questions=QUESTIONS[:3], max_new_tokens=16)
+    second = Request(images=[image.copy()], questions=[protocol.depth_question(x, y) for x, y in
+                                                       [(1500, 20), (3, 1999), (1000, 1000), (250, 750)]],
+                     max_new_tokens=16)
+    varied_backend.clear_prefix_cache()
+    cold = varied_backend.answer(first)
+    assert cold.info["prefix_reused"] is False and cold.timings["vision"] > 0
+    warm = varied_backend.answer(second)
+    assert warm.info["prefix_reused"] is True
+    assert warm.timings["vision"] == 0 and warm.timings["prefix_prefill"] == 0
+    assert 0 < warm.info["shared_prefix_tokens"] <= cold.info["shared_prefix_tokens"]
+    _assert_same_tokens(warm, varied_backend.answer_reference(second))
+    # Another image is not served from the cache; the cache holds one entry by default.
+    other = varied_backend.answer(replace(second, images=[_image(12)]))
+    assert other.info["prefix_reused"] is False
+    assert varied_backend.answer(first).info["prefix_reused"] is False
+
+
+def test_prefix_cache_can_be_switched_off(tiny_checkpoint):
+    backend = TransformersBackend(tiny_checkpoint, device="cpu", dtype="float32", warmup=False, prefix_cache=0)
+    request = Request(images=[_image(13)], questions=QUESTIONS[:2], max_new_tokens=4)
+    first, again = backend.answer(request), backend.answer(request)
+    assert not first.info["prefix_reused"] and not again.info["prefix_reused"] and again.timings["vision"] > 0
+    assert again.token_ids == first.token_ids
+    with pytest.raises(EngineError, match="prefix_cache"):
+        TransformersBackend(tiny_checkpoint, device="cpu", warmup=False, prefix_cache=-1)

@@ -173,3 +173,24 @@ def test_tfmessage_arrives_from_another_process(ros: Any) -> None:
         output, _ = child.communicate(timeout=10)
     assert received, f"no TFMessage arrived from the child process; its output:\n{output}"
     assert flatten(received[0]) == flatten(two_transforms(5))
+
+
+def test_opencv_has_the_contrib_modules_and_one_cv2_wheel() -> None:
+    """The completion needs cv2.ximgproc; a plain opencv wheel beside the contrib one would share
+    (and on removal break) the cv2 package."""
+    import importlib.metadata as metadata
+
+    import cv2
+    import numpy as np
+
+    smoother = cv2.ximgproc.createFastGlobalSmootherFilter(np.zeros((8, 8, 3), np.uint8), 10.0, 5.0)
+    assert smoother.filter(np.ones((8, 8), np.float32)).shape == (8, 8)
+    assert metadata.version("opencv-contrib-python-headless")
+    installed = []
+    for name in ("opencv-python", "opencv-python-headless", "opencv-contrib-python"):
+        try:
+            metadata.version(name)
+            installed.append(name)
+        except metadata.PackageNotFoundError:
+            pass
+    assert installed == [], f"{installed} installed beside opencv-contrib-python-headless"

@@ -14,6 +14,7 @@ import pytest
 from vlm3_ros import geometry as g
 from vlm3_ros import metrics, protocol
 from vlm3_ros.camera import Intrinsics
+from vlm3_ros.completion import AdaptiveConfig
 from vlm3_ros.engine import OracleBackend
 from vlm3_ros.pipeline import CorrespondenceMatcher, DepthEstimator, PoseEstimator, query_grid
 
@@ -154,3 +155,53 @@ def test_oracle_pose_on_sevenscenes(sevenscenes):
     assert rot_err < 0.15 and dir_err < 1.0
     assert result.pose.distance == pytest.approx(np.linalg.norm(T12[:3, 3]), abs=0.006)
     assert result.pose.angle_deg == pytest.approx(g.rotation_angle(T12[:3, :3]), abs=0.06)
+
+
+# ------------------------------------------------------------------------------------------------
+# Dense depth
+# ------------------------------------------------------------------------------------------------
+
+
+def test_dense_depth_of_a_plane_seen_through_a_distorted_lens():
+    """Both rounds through the oracle, completed into a depth map in the original (distorted)
+    geometry; its cloud lies on the plane, back-projected through the distortion."""
+    D = (-0.2, 0.05, 0.0005, -0.001, 0.0)
+    cam = Intrinsics.from_K(np.array([[420.0, 0, 322.0], [0, 415.0, 241.0], [0, 0, 1]]), 640, 480, D=D,
+                            distortion_model="plumb_bob")
+    n, offset = np.array([0.1, -0.3, 1.0]), 2.0
+    # Ground-truth z at every original pixel: undistort the pixel, intersect its ray with the plane.
+    uu, vv = np.meshgrid(np.arange(640.0), np.arange(480.0))
+    und = cv2.undistortPoints(np.stack([uu.ravel(), vv.ravel()], 1)[:, None], cam.K, np.array(D)).reshape(-1, 2)
+    rays = np.column_stack([und, np.ones(len(und))])
+    depth = (offset / (rays @ n)).reshape(480, 640)
+    estimator = DepthEstimator(ORACLE)
+    uv = query_grid(640, 480, 40, 0.1)
+    result = estimator.estimate_dense(np.full((480, 640, 3), 120, np.uint8), cam, uv, second_round=24,
+                                      reference_depth=depth, adaptive=AdaptiveConfig(margin=0.1))
+    assert (result.first_round, result.second_round) == (len(uv), 24)
+    # (The undistorted image the questions refer to does not reach every corner of the original.)
+    assert len(result.sparse.uv) == len(uv) + 24 and result.sparse.valid.mean() > 0.9
+    assert result.dense.depth.shape == (480, 640)
+    inner = np.zeros((480, 640), bool)
+    inner[60:-60, 80:-80] = True
+    assert np.abs(result.dense.depth[inner] / depth[inner] - 1).max() < 0.01
+    points, pix = result.points(step=8, min_confidence=0.5)
+    assert len(points) > 0.8 * (640 // 8) * (480 // 8)
+    central = inner[pix[:, 1].astype(int), pix[:, 0].astype(int)]
+    assert np.abs(points[central] @ (n / np.linalg.norm(n)) - offset / np.linalg.norm(n)).max() < 0.01  # on the plane
+    proj, _ = cv2.projectPoints(points, np.zeros(3), np.zeros(3), cam.K, np.array(D))
+    assert np.abs(proj.reshape(-1, 2) - pix).max() < 0.01  # and seen at its own pixel
+
+
+def test_dense_second_round_reuses_the_image_prefix(tiny_backend):
+    """The second round is another request about the same prepared image: the engine reuses the
+    first round's image prefix (no vision tower, no prefix prefill)."""
+    cam = Intrinsics.from_focal(96, 64, 1000.0)
+    image = np.random.default_rng(0).integers(0, 255, (64, 96, 3)).astype(np.uint8)
+    result = DepthEstimator(tiny_backend, max_new_tokens=4).estimate_dense(image, cam, query_grid(96, 64, 6),
+                                                                           second_round=5)
+    assert result.second_round == 5 and len(result.responses) == 2
+    assert result.responses[1].info["prefix_reused"] is True and result.responses[1].timings["vision"] == 0
+    # A random model's answers do not parse: nothing to complete, every pixel unknown.
+    assert not result.sparse.valid.any() and np.isnan(result.dense.depth).all()
+    assert result.points()[0].shape == (0, 3)

@@ -205,3 +205,58 @@ def test_ate_and_rpe_of_ground_truth_trajectory(scene):
     still = np.broadcast_to(gt[0], gt.shape)
     r_still = m.rpe(still, gt)
     assert 0.3 < r_still["rot_mean_deg"] < 1.2 and 0.002 < r_still["trans_mean"] < 0.01
+
+
+# ------------------------------------------------------------------------------------------
+# Colour/depth registration
+# ------------------------------------------------------------------------------------------
+
+
+def _edge_agreement(rgb: np.ndarray, depth: np.ndarray) -> float:
+    """Mean colour-gradient magnitude at the depth image's edges."""
+    logd = np.log(np.where(np.isfinite(depth), depth, 1.0)).astype(np.float32)
+    edges = (np.hypot(cv2.Sobel(logd, cv2.CV_32F, 1, 0), cv2.Sobel(logd, cv2.CV_32F, 0, 1)) > 0.3)
+    edges &= cv2.erode(np.isfinite(depth).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    return float(np.hypot(cv2.Sobel(gray, cv2.CV_32F, 1, 0), cv2.Sobel(gray, cv2.CV_32F, 0, 1))[edges].mean())
+
+
+def test_registration_recovers_a_known_colour_to_depth_similarity():
+    from vlm3_ros.datasets.sevenscenes import register_colour_to_depth
+
+    rng = np.random.default_rng(0)
+    scale, shift = 1.08, (6.0, -3.0)
+    centre = np.array([159.5, 119.5])
+    A = np.array([[scale, 0, (1 - scale) * centre[0] + shift[0]], [0, scale, (1 - scale) * centre[1] + shift[1]]])
+    rgbs, depths = [], []
+    for _ in range(3):
+        depth = np.full((240, 320), 3.0, np.float32)
+        colour = np.zeros((240, 320, 3), np.uint8)
+        colour[:] = rng.integers(0, 255, 3)
+        for _ in range(4):  # boxes at other depths, each its own colour
+            x, y = rng.integers(20, 220), rng.integers(20, 150)
+            w, h = rng.integers(30, 80, size=2)
+            depth[y:y + h, x:x + w] = rng.uniform(0.8, 2.5)
+            colour[y:y + h, x:x + w] = rng.integers(0, 255, 3)
+        # The colour camera sees the scene through A^-1 (A maps colour pixels onto depth pixels).
+        rgbs.append(cv2.warpAffine(colour, A, (320, 240), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
+                                   borderMode=cv2.BORDER_REPLICATE))
+        depths.append(depth)
+    found = register_colour_to_depth(rgbs, depths)
+    assert found[0, 0] == pytest.approx(scale, abs=0.005) and found[1, 1] == found[0, 0]
+    assert np.abs(found @ [10.0, 20.0, 1.0] - A @ [10.0, 20.0, 1.0]).max() < 1.5
+    assert np.abs(found @ [300.0, 220.0, 1.0] - A @ [300.0, 220.0, 1.0]).max() < 1.5
+    with pytest.raises(DatasetError, match="no depth edges"):
+        register_colour_to_depth([rgbs[0]], [np.full((240, 320), 2.0)])
+
+
+def test_registered_colour_puts_object_outlines_on_the_depth_edges(scene):
+    ds, frames = scene
+    affine = ds.colour_registration()
+    # The two Kinect cameras: colour about 10 % larger in scale than depth, a few pixels apart.
+    assert 1.05 < affine[0, 0] < 1.15 and affine[0, 0] == affine[1, 1]
+    for frame in (150, 175, 199):
+        rgb, depth, _ = frames[frame]
+        registered = ds.load_registered_rgb(frame)
+        assert registered.shape == rgb.shape and registered.dtype == np.uint8
+        assert _edge_agreement(registered, depth) > 1.5 * _edge_agreement(rgb, depth)

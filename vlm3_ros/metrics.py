@@ -15,11 +15,15 @@ Conventions (see DESIGN.md, "Evaluation conventions"):
   normalised cumulative histogram over 1-degree bins from 0 to ``max_deg``.
 * **Trajectories**: ATE after Umeyama alignment of the predicted positions onto the ground
   truth (SE(3) by default), RPE over frame pairs ``(i, i + delta)``.
+* **Object-level 3D** (SpatialRGPT-Bench conventions): a quantitative answer (metres) succeeds
+  when ``|pred - gt| <= 0.25 * gt`` ("within 25 %"; an unparseable answer fails), ``abs_rel`` over
+  the parsed answers; qualitative accuracy = fraction of answers equal to the truth (unparseable
+  ones are wrong). :func:`object_metrics` reports them per question id and overall.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 import numpy as np
 
@@ -39,6 +43,10 @@ __all__ = [
     "pose_auc",
     "ate",
     "rpe",
+    "quantity_success",
+    "quantity_abs_rel",
+    "qualitative_accuracy",
+    "object_metrics",
 ]
 
 #: Translation norms at or below this are treated as "no translation" by relative_pose_errors.
@@ -406,3 +414,93 @@ def rpe(traj_pred: Any, traj_gt: Any, delta: int = 1) -> Dict[str, float]:
     out = {**_stats(trans, "trans_"), **_stats(rot, "rot_", "_deg")}
     out["num_pairs"] = int(len(trans))
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Object-level 3D (SpatialRGPT-style questions)
+# --------------------------------------------------------------------------------------------
+
+
+def _quantity_inputs(pred: Any, gt: Any) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    p = as_predictions(pred)
+    g = np.asarray(gt, dtype=np.float64).reshape(-1)
+    if p.shape != g.shape:
+        raise MetricError(f"{p.size} predictions for {g.size} ground-truth values")
+    if p.size == 0:
+        raise MetricError("no values")
+    if not np.all(np.isfinite(g) & (g > 0)):
+        raise MetricError("ground-truth quantities must be finite and positive (leave zero-length truths out)")
+    return p, g, np.isfinite(p) & (p >= 0)
+
+
+def quantity_success(pred: Any, gt: Any, tolerance: float = 0.25) -> float:
+    """Fraction of answers within ``tolerance`` (relative) of the truth; missing answers fail."""
+    if not tolerance > 0:
+        raise MetricError(f"tolerance must be > 0, got {tolerance}")
+    p, g, valid = _quantity_inputs(pred, gt)
+    ok = np.zeros(p.shape, bool)
+    ok[valid] = np.abs(p[valid] - g[valid]) <= tolerance * g[valid]
+    return float(np.mean(ok))
+
+
+def quantity_abs_rel(pred: Any, gt: Any) -> float:
+    """Mean ``|pred - gt| / gt`` over the parsed answers (NaN when there are none)."""
+    p, g, valid = _quantity_inputs(pred, gt)
+    if not valid.any():
+        return float("nan")
+    return float(np.mean(np.abs(p[valid] - g[valid]) / g[valid]))
+
+
+def qualitative_accuracy(pred: Any, truth: Any) -> float:
+    """Fraction of answers (bool or region index; None = unparseable, wrong) equal to the truth."""
+    p, t = list(pred), list(truth)
+    if len(p) != len(t):
+        raise MetricError(f"{len(p)} predictions for {len(t)} truths")
+    if not p:
+        raise MetricError("no values")
+    if any(v is None for v in t):
+        raise MetricError("a truth is missing")
+    return float(np.mean([a is not None and bool(a == b) for a, b in zip(p, t)]))
+
+
+def object_metrics(records: Iterable[Tuple[str, Any, Any]], tolerance: float = 0.25) -> Dict[str, Dict[str, float]]:
+    """Metrics of object answers ``(question id, predicted value or None, true value)``.
+
+    Per question id: ``count``, ``unparseable`` and, for quantities, ``success_rate`` and
+    ``abs_rel``; for predicates and choices ``accuracy``. ``"quantitative"`` and
+    ``"qualitative"`` hold the same over all questions of each kind (quantities whose truth is 0
+    are left out of the quantitative ones).
+    """
+    from .protocol import OBJECT_QUESTIONS
+
+    groups: Dict[str, list] = {}
+    for qid, pred, truth in records:
+        if qid not in OBJECT_QUESTIONS:
+            raise MetricError(f"unknown object question {qid!r}")
+        groups.setdefault(qid, []).append((pred, truth))
+    if not groups:
+        raise MetricError("no object answers")
+    out: Dict[str, Dict[str, float]] = {}
+    pooled: Dict[str, list] = {"quantitative": [], "qualitative": []}
+    for qid, rows in sorted(groups.items()):
+        quantitative = OBJECT_QUESTIONS[qid].kind == "quantity"
+        if quantitative:
+            rows = [(p, t) for p, t in rows if float(t) > 0]
+        pooled["quantitative" if quantitative else "qualitative"] += rows
+        if rows:
+            out[qid] = _object_group(rows, quantitative, tolerance)
+    for name, rows in pooled.items():
+        if rows:
+            out[name] = _object_group(rows, name == "quantitative", tolerance)
+    return out
+
+
+def _object_group(rows: list, quantitative: bool, tolerance: float) -> Dict[str, float]:
+    preds, truths = [p for p, _ in rows], [t for _, t in rows]
+    stats = {"count": float(len(rows)), "unparseable": float(sum(p is None for p in preds))}
+    if quantitative:
+        stats["success_rate"] = quantity_success(preds, truths, tolerance)
+        stats["abs_rel"] = quantity_abs_rel(preds, truths)
+    else:
+        stats["accuracy"] = qualitative_accuracy(preds, truths)
+    return stats

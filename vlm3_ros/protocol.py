@@ -49,8 +49,21 @@ __all__ = [
     "RelativePose",
     "TASKS",
     "TaskSpec",
+    "LENGTH_UNITS",
+    "OBJECT_QUESTIONS",
+    "OBJECT_QUESTION_ALIASES",
+    "ObjectQuestion",
     "bbox_reference",
     "compact_specs",
+    "format_object_answer",
+    "format_quantity",
+    "object_question",
+    "object_question_id",
+    "parse_choice",
+    "parse_object_answer",
+    "parse_object_question",
+    "parse_quantity",
+    "parse_verdict",
     "correspondence_question",
     "denormalize_point",
     "depth_question",
@@ -369,6 +382,89 @@ POSE_ANSWERS = {
     "translation_distance": "Translation distance: {distance:.2f} meters",
 }
 
+# Object-level questions (VLM3-object). VLM3's public sample (spatialrgpt_labels.json) shows the
+# checkpoint is trained on SpatialRGPT's region questions with each "Region [i]" replaced by
+# "bounding box region (x1, y1, x2, y2)": "Can you confirm if {a} is smaller than {b}?" ->
+# "Incorrect, {a} is not smaller in size than {b}.". SpatialRGPT phrases every question several
+# ways (osdsynth/processor/prompt_template.py of AnjieCheng/SpatialRGPT); one wording per question
+# is asked here: the "Can you confirm if ..." form of the sample where SpatialRGPT has one, else its
+# first wording. Which wordings VLM3-object saw in training is not published; the parsers below
+# read every answer wording of that template set. SpatialRGPT-Bench asks the same template set
+# (public evaluation reports quote "Is Region [0] behind Region [1]?" -> "No." and "What is the
+# height of Region [0]?" -> "6.91 feet"); the ids are its category names where those are seen in
+# such reports (small_predicate, left_choice, right_choice, width_data, height_data,
+# behind_predicate, tall_predicate) and follow the same pattern elsewhere (the distance ids are
+# not confirmed). Direction ("at N o'clock") questions are not included. The meaning of each id
+# is in OBJECT_QUESTIONS (object-level block below).
+OBJECT_QUESTION_TEXTS = {
+    "width_data": "What is the width of {a}?",
+    "height_data": "What is the height of {a}?",
+    "direct_distance": "What is the distance between {a} and {b}?",
+    "horizontal_distance": "What is the horizontal distance between {a} and {b}?",
+    "vertical_distance": "What is the vertical distance between {a} and {b}?",
+    "left_predicate": "Can you confirm if {a} is positioned to the left of {b}?",
+    "right_predicate": "Can you confirm if {a} is positioned to the right of {b}?",
+    "above_predicate": "Can you confirm if {a} is positioned above {b}?",
+    "below_predicate": "Can you confirm if {a} is positioned below {b}?",
+    "behind_predicate": "Is {a} behind {b}?",
+    "front_predicate": "Is {a} in front of {b}?",
+    "big_predicate": "Can you confirm if {a} is bigger than {b}?",
+    "small_predicate": "Can you confirm if {a} is smaller than {b}?",
+    "tall_predicate": "Can you confirm if {a} is taller than {b}?",
+    "short_predicate": "Can you confirm if {a} is shorter than {b}?",
+    "wide_predicate": "Can you confirm if {a} is wider than {b}?",
+    "thin_predicate": "Can you confirm if {a} is thinner than {b}?",
+    "left_choice": "Which is more to the left, {a} or {b}?",
+    "right_choice": "Which is more to the right, {a} or {b}?",
+    "above_choice": "Which is above, {a} or {b}?",
+    "below_choice": "Which is below, {a} or {b}?",
+    "front_choice": "Which is in front, {a} or {b}?",
+    "behind_choice": "Which is behind, {a} or {b}?",
+    "tall_choice": "Between {a} and {b}, which one has more height?",
+    "short_choice": "Between {a} and {b}, which one has less height?",
+}
+# Training answers: quantities take a formatted {value} ("1.25 meters"); predicates have a ".yes"
+# and a ".no" form; choices name the chosen region as {answer}.
+OBJECT_ANSWER_TEXTS = {
+    "width_data": "The width of {a} is {value}.",
+    "height_data": "The height of {a} is {value}.",
+    "direct_distance": "{a} and {b} are {value} apart.",
+    "horizontal_distance": "{a} and {b} are {value} apart horizontally.",
+    "vertical_distance": "{a} and {b} are {value} apart vertically.",
+    "left_predicate.yes": "Yes, {a} is to the left of {b}.",
+    "left_predicate.no": "No, {a} is not to the left of {b}.",
+    "right_predicate.yes": "Yes, {a} is to the right of {b}.",
+    "right_predicate.no": "No, {a} is not to the right of {b}.",
+    "above_predicate.yes": "Yes, {a} is above {b}.",
+    "above_predicate.no": "No, {a} is not above {b}.",
+    "below_predicate.yes": "Yes, {a} is below {b}.",
+    "below_predicate.no": "No, {a} is not below {b}.",
+    "behind_predicate.yes": "Yes, {a} is behind {b}.",
+    "behind_predicate.no": "No, {a} is in front of {b}.",
+    "front_predicate.yes": "Yes, {a} is in front of {b}.",
+    "front_predicate.no": "No, {a} is behind {b}.",
+    "big_predicate.yes": "Yes, {a} is bigger than {b}.",
+    "big_predicate.no": "No, {a} is not bigger than {b}.",
+    "small_predicate.yes": "Correct, {a} occupies less space than {b}.",
+    "small_predicate.no": "Incorrect, {a} is not smaller in size than {b}.",
+    "tall_predicate.yes": "Yes, {a} is taller than {b}.",
+    "tall_predicate.no": "No, {a} is not taller than {b}.",
+    "short_predicate.yes": "Yes, {a} is shorter than {b}.",
+    "short_predicate.no": "No, {a} is not shorter than {b}.",
+    "wide_predicate.yes": "Yes, {a} is wider than {b}.",
+    "wide_predicate.no": "No, {a} is not wider than {b}.",
+    "thin_predicate.yes": "Yes, {a} is thinner than {b}.",
+    "thin_predicate.no": "No, {a} is not thinner than {b}.",
+    "left_choice": "{answer} is more to the left.",
+    "right_choice": "{answer} is more to the right.",
+    "above_choice": "{answer} is above.",
+    "below_choice": "{answer} is below.",
+    "front_choice": "{answer} is in front.",
+    "behind_choice": "{answer} is behind.",
+    "tall_choice": "{answer} is taller.",
+    "short_choice": "{answer} is shorter.",
+}
+
 DEPTH = TaskSpec(
     name="depth",
     preprocess=Preprocess("focal", 1000.0, undistort=True),
@@ -409,8 +505,10 @@ OBJECT = TaskSpec(
     preprocess=Preprocess("focal", 1000.0, undistort=True),
     coord_scale=1000,
     num_images=1,
-    questions={"region": "bounding box region ({x1}, {y1}, {x2}, {y2})"},
-    answers={},
+    # "region" is how a box is referenced inside the questions and answers below (see the
+    # object-level block further down for the catalogue and its sources).
+    questions={"region": "bounding box region ({x1}, {y1}, {x2}, {y2})", **OBJECT_QUESTION_TEXTS},
+    answers=OBJECT_ANSWER_TEXTS,
     stop_strings=(),
 )
 
@@ -853,14 +951,124 @@ def parse_pose_answers(answers: Mapping[str, str], spec: TaskSpec | None = None)
 
 
 # --------------------------------------------------------------------------------------------
-# Object-level region references
+# Object-level 3D: region references, the question catalogue, answers (VLM3-object)
 # --------------------------------------------------------------------------------------------
+#
+# A region is a box of the prepared image referenced as ``bounding box region (x1, y1, x2, y2)``
+# with each coordinate rounded to [0, 1000] of the prepared image's width or height (corner
+# coordinates: x2 = width is 1000). In the public sample the 1024x768 image is resized to
+# 1134x851 (f = 1000) and its regions are prompted as (0, 39, 652, 999) and (6, 380, 228, 562);
+# those values come from the boxes at the original resolution (e.g. [0, 30, 668, 767] and
+# [6, 292, 233, 432]: 668 / 1024 -> 652, 432 / 768 = 562.5 -> 562, half to even), while the
+# sample's resized pixel boxes ([0, 33, 740, 850], [7, 324, 258, 479]) are themselves rounded and
+# give 653 and 563 instead. A box is therefore normalised from its unrounded coordinates.
+#
+# Answers are parsed without guessing:
+# * quantities: a number with a unit (m, cm, mm, km, in, ft, yd and their spelled-out forms; number
+#   words such as "one and a half", "twenty-five", "half a meter", "a foot and a half"; feet and
+#   inches together as "5 feet 3 inches" or 5'3") -> metres. A number without a unit is an error
+#   (unless the spec's option ``bare_number_unit`` names one), and so are two different values.
+# * predicates: a leading yes-word (yes, correct, indeed, true, right...) or no-word (no,
+#   incorrect, false, wrong, not...). SpatialRGPT's negative answers may also open with "In fact,"
+#   or "Actually," and no yes/no word ("In fact, A is to the right of B."), so those openings mean
+#   no unless a yes/no word follows them. Without a leading cue, an answer holding only yes-words
+#   or only no-words (including "not") is read as such; anything else (and any answer holding
+#   both the words "yes" and "no") is an error.
+# * choices: the answer names exactly one of the question's two regions.
 
 _BBOX_RE = re.compile(rf"bounding box region\s*\(\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*\)")
 
+OBJECT_KINDS = ("quantity", "predicate", "choice")
+
+
+@dataclass(frozen=True)
+class ObjectQuestion:
+    """What an object question asks, independent of its wording (the wording is in a task spec).
+
+    Attributes:
+        id: the question id (named like SpatialRGPT-Bench's categories, e.g. ``width_data``).
+        kind: ``quantity`` (metres), ``predicate`` (yes / no about region a relative to b) or
+            ``choice`` (which of regions a and b).
+        regions: how many regions the question references (1 or 2).
+        measure: the region measure reported or compared (see :mod:`vlm3_ros.objects`).
+        sense: for predicates and choices: +1 when the answer is "a has the larger measure" / the
+            region with the larger measure, -1 for the smaller; 0 for quantities.
+    """
+
+    id: str
+    kind: str
+    regions: int
+    measure: str
+    sense: int = 0
+
+
+def _catalogue(*items: ObjectQuestion) -> Mapping[str, ObjectQuestion]:
+    return MappingProxyType({q.id: q for q in items})
+
+
+#: The object questions by id. Camera axes (REP-103 optical frame): x right, y down, z forward, so
+#: "left" is the smaller x, "above" the smaller y and "in front" the smaller (nearest) z.
+OBJECT_QUESTIONS: Mapping[str, ObjectQuestion] = _catalogue(
+    ObjectQuestion("width_data", "quantity", 1, "width"),
+    ObjectQuestion("height_data", "quantity", 1, "height"),
+    ObjectQuestion("direct_distance", "quantity", 2, "distance"),
+    ObjectQuestion("horizontal_distance", "quantity", 2, "horizontal_distance"),
+    ObjectQuestion("vertical_distance", "quantity", 2, "vertical_distance"),
+    ObjectQuestion("left_predicate", "predicate", 2, "x", -1),
+    ObjectQuestion("right_predicate", "predicate", 2, "x", +1),
+    ObjectQuestion("above_predicate", "predicate", 2, "y", -1),
+    ObjectQuestion("below_predicate", "predicate", 2, "y", +1),
+    ObjectQuestion("behind_predicate", "predicate", 2, "near", +1),
+    ObjectQuestion("front_predicate", "predicate", 2, "near", -1),
+    ObjectQuestion("big_predicate", "predicate", 2, "volume", +1),
+    ObjectQuestion("small_predicate", "predicate", 2, "volume", -1),
+    ObjectQuestion("tall_predicate", "predicate", 2, "height", +1),
+    ObjectQuestion("short_predicate", "predicate", 2, "height", -1),
+    ObjectQuestion("wide_predicate", "predicate", 2, "width", +1),
+    ObjectQuestion("thin_predicate", "predicate", 2, "width", -1),
+    ObjectQuestion("left_choice", "choice", 2, "x", -1),
+    ObjectQuestion("right_choice", "choice", 2, "x", +1),
+    ObjectQuestion("above_choice", "choice", 2, "y", -1),
+    ObjectQuestion("below_choice", "choice", 2, "y", +1),
+    ObjectQuestion("front_choice", "choice", 2, "near", -1),
+    ObjectQuestion("behind_choice", "choice", 2, "near", +1),
+    ObjectQuestion("tall_choice", "choice", 2, "height", +1),
+    ObjectQuestion("short_choice", "choice", 2, "height", -1),
+)
+
+#: Short names (command line, node parameters) -> question ids.
+OBJECT_QUESTION_ALIASES: Mapping[str, str] = MappingProxyType({
+    "width": "width_data", "height": "height_data", "distance": "direct_distance",
+    "horizontal": "horizontal_distance", "vertical": "vertical_distance",
+    "left": "left_predicate", "right": "right_predicate", "above": "above_predicate", "below": "below_predicate",
+    "behind": "behind_predicate", "front": "front_predicate", "bigger": "big_predicate",
+    "smaller": "small_predicate", "taller": "tall_predicate", "shorter": "short_predicate",
+    "wider": "wide_predicate", "thinner": "thin_predicate",
+})
+
+
+def object_question_id(name: str) -> str:
+    """A question id from an id or a short name (``width``, ``distance``, ``left`` ...)."""
+    qid = OBJECT_QUESTION_ALIASES.get(name, name)
+    if qid not in OBJECT_QUESTIONS:
+        known = sorted(set(OBJECT_QUESTION_ALIASES) | set(OBJECT_QUESTIONS))
+        raise ProtocolError(f"unknown object question {name!r}; known: {', '.join(known)}")
+    return qid
+
+
+def _object_question(qid: str) -> ObjectQuestion:
+    try:
+        return OBJECT_QUESTIONS[qid]
+    except KeyError:
+        raise ProtocolError(f"unknown object question {qid!r}; known: {sorted(OBJECT_QUESTIONS)}") from None
+
+
+# -- region references -----------------------------------------------------------------------
+
 
 def bbox_reference(box: tuple[float, float, float, float], width: float, height: float, spec: TaskSpec = OBJECT) -> str:
-    """``bounding box region (x1, y1, x2, y2)`` for a pixel box of a ``width`` x ``height`` image."""
+    """``bounding box region (x1, y1, x2, y2)`` for a pixel box (corner coordinates, x2 = width at
+    the right edge) of a ``width`` x ``height`` image."""
     x1, y1, x2, y2 = normalize_box(box, width, height, spec.coord_scale or 1000)
     return spec.question("region", x1=x1, y1=y1, x2=x2, y2=y2)
 
@@ -868,3 +1076,287 @@ def bbox_reference(box: tuple[float, float, float, float], width: float, height:
 def parse_bbox_references(text: str) -> list[tuple[float, float, float, float]]:
     """All region references in a text, in order, as text coordinates."""
     return [tuple(float(v) for v in m.groups()) for m in _BBOX_RE.finditer(text)]  # type: ignore[misc]
+
+
+def _region_fields(question_id: str, regions: list[str] | tuple[str, ...]) -> tuple[ObjectQuestion, dict[str, str]]:
+    question = _object_question(question_id)
+    if len(regions) != question.regions:
+        raise ProtocolError(f"object question {question_id!r} takes {question.regions} region(s), got {len(regions)}")
+    return question, {"a": regions[0], **({"b": regions[1]} if question.regions == 2 else {})}
+
+
+def object_question(question_id: str, regions: list[str] | tuple[str, ...], spec: TaskSpec = OBJECT) -> str:
+    """The question ``question_id`` about region references ``regions`` (one or two texts)."""
+    return spec.question(question_id, **_region_fields(question_id, regions)[1])
+
+
+@functools.lru_cache(maxsize=16)
+def _question_skeletons(questions: tuple[tuple[str, str], ...]) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Question text with every region replaced by a marker -> (question id, region field order)."""
+    out = {}
+    for qid, template in questions:
+        order = tuple(name for _, name, _, _ in string.Formatter().parse(template) if name)
+        if not order or set(order) - {"a", "b"}:
+            continue
+        out[template.format(a="\0", b="\0")] = (qid, order)
+    return out
+
+
+def parse_object_question(text: str, spec: TaskSpec = OBJECT) -> tuple[str, list[tuple[float, float, float, float]]]:
+    """The question id and the region text coordinates (region a first) of an object question."""
+    refs = parse_bbox_references(text)
+    skeleton = _BBOX_RE.sub("\0", text)
+    found = _question_skeletons(tuple(spec.questions.items())).get(skeleton)
+    if found is None or len(refs) != len(found[1]):
+        raise ProtocolError(f"not an object question of this protocol: {text[:200]!r}")
+    qid, order = found
+    by_name = dict(zip(order, refs))
+    return qid, [by_name[name] for name in ("a", "b") if name in by_name]
+
+
+# -- quantities ---------------------------------------------------------------------------------
+
+#: metres per unit, by every spelling accepted (lower case)
+LENGTH_UNITS: Mapping[str, float] = MappingProxyType({
+    **dict.fromkeys(("m", "meter", "meters", "metre", "metres"), 1.0),
+    **dict.fromkeys(("cm", "centimeter", "centimeters", "centimetre", "centimetres"), 0.01),
+    **dict.fromkeys(("mm", "millimeter", "millimeters", "millimetre", "millimetres"), 0.001),
+    **dict.fromkeys(("km", "kilometer", "kilometers", "kilometre", "kilometres"), 1000.0),
+    **dict.fromkeys(("in", "inch", "inches", '"', "''"), 0.0254),
+    **dict.fromkeys(("ft", "foot", "feet", "'"), 0.3048),
+    **dict.fromkeys(("yd", "yard", "yards"), 0.9144),
+})
+#: unit names :func:`format_quantity` writes
+QUANTITY_UNITS = ("meters", "centimeters", "millimeters", "inches", "feet")
+
+_UNIT_WORDS = sorted((u for u in LENGTH_UNITS if u[0].isalpha()), key=len, reverse=True)
+# "in" is a unit only where it ends the quantity ("3 in."), not in "3 in width".
+_UNIT_RE = "|".join(re.escape(u) if u != "in" else r"in(?=\s*(?:[.,;:!?)]|$))" for u in _UNIT_WORDS)
+_QUANTITY_RE = re.compile(rf"(?<![\w.])({_NUM})\s*(''|\"|'|(?:{_UNIT_RE})(?![a-z]))")
+_BARE_NUMBER_RE = re.compile(rf"(?<![\w.]){_NUM}(?![\w.])")
+_IMPERIAL_PAIR_GAP = re.compile(r"\s*(?:,|and)?\s*")
+
+_NUMBER_WORDS = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen".split())}
+_TENS_WORDS = {w: 10 * (i + 2) for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split())}
+_SCALE_WORDS = {"hundred": 100, "thousand": 1000}
+_FRACTION_WORDS = {"half": 0.5, "quarter": 0.25}
+_TOKEN_RE = re.compile(rf"{_NUM}|[a-z]+|''|\S")
+
+
+def _is_number(token: str) -> bool:
+    return bool(re.fullmatch(_NUM, token))
+
+
+def _number_words(tokens: list[str], i: int) -> tuple[float, int] | None:
+    """A spelled-out number starting at ``tokens[i]`` ("twenty-five", "one hundred and two",
+    "one point five"): (value, tokens used), or None."""
+    total = current = 0
+    j, used = i, False
+    while j < len(tokens):
+        tok = tokens[j]
+        if tok in _NUMBER_WORDS or tok in _TENS_WORDS:
+            current += _NUMBER_WORDS.get(tok, 0) + _TENS_WORDS.get(tok, 0)
+        elif tok in _SCALE_WORDS and used:
+            if tok == "hundred":
+                current = max(current, 1) * 100
+            else:
+                total, current = total + max(current, 1) * 1000, 0
+        elif tok == "-" and used and j + 1 < len(tokens) and tokens[j + 1] in _NUMBER_WORDS:
+            pass
+        elif (tok == "and" and used and tokens[j - 1] in _SCALE_WORDS and j + 1 < len(tokens)
+              and (tokens[j + 1] in _NUMBER_WORDS or tokens[j + 1] in _TENS_WORDS)):
+            pass
+        else:
+            break
+        used = True
+        j += 1
+    if not used:
+        return None
+    value = float(total + current)
+    if j + 1 < len(tokens) and tokens[j] == "point" and tokens[j + 1] in _NUMBER_WORDS and _NUMBER_WORDS[tokens[j + 1]] < 10:
+        digits = ""
+        j += 1
+        while j < len(tokens) and tokens[j] in _NUMBER_WORDS and _NUMBER_WORDS[tokens[j]] < 10:
+            digits += str(_NUMBER_WORDS[tokens[j]])
+            j += 1
+        value += float("0." + digits)
+    return value, j - i
+
+
+def _fraction_after(tokens: list[str], j: int) -> tuple[float, int] | None:
+    """ "and a half" / "and one quarter" / "and three quarters" at ``tokens[j]``: (fraction, tokens used)."""
+    if j + 2 < len(tokens) and tokens[j] == "and":
+        count = tokens[j + 1]
+        frac = tokens[j + 2].rstrip("s")
+        if frac in _FRACTION_WORDS and count in ("a", "an", "one", "two", "three"):
+            n = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3}[count]
+            if n == 1 or frac == "quarter":
+                return n * _FRACTION_WORDS[frac], 3
+    return None
+
+
+def _spell_out_numbers(text: str) -> str:
+    """Lower-cased text with spelled-out quantities written as numbers (see the block comment)."""
+    tokens = _TOKEN_RE.findall(text.lower())
+    out: list[str] = []
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        nxt = tokens[i + 1] if i + 1 < len(tokens) else ""
+        # "half a meter", "half of a foot", "a quarter of a meter", "three quarters of a meter"
+        lead = {"a": 1, "an": 1, "one": 1, "three": 3}.get(tok) if nxt.rstrip("s") in _FRACTION_WORDS else None
+        if tok in _FRACTION_WORDS or lead is not None:
+            frac_word = tok if lead is None else nxt.rstrip("s")
+            k = i + (1 if lead is None else 2)
+            if k < len(tokens) and tokens[k] == "of":
+                k += 1
+            if k + 1 < len(tokens) and tokens[k] in ("a", "an") and tokens[k + 1] in LENGTH_UNITS:
+                out.append(repr((lead or 1) * _FRACTION_WORDS[frac_word]))
+                i = k + 1
+                continue
+        number = _number_words(tokens, i)
+        if number is not None:
+            value, used = number
+        elif _is_number(tok):
+            value, used = float(tok), 1
+        elif tok in ("a", "an") and nxt in LENGTH_UNITS:
+            value, used = 1.0, 1
+        else:
+            out.append(tok)
+            i += 1
+            continue
+        j = i + used
+        fraction = _fraction_after(tokens, j)
+        if fraction is not None:  # "one and a half meters"
+            value, j = value + fraction[0], j + fraction[1]
+        elif j < len(tokens) and tokens[j] in LENGTH_UNITS:
+            after = _fraction_after(tokens, j + 1)
+            if after is not None:  # "a meter and a half"
+                out += [repr(value + after[0]), tokens[j]]
+                i = j + 1 + after[1]
+                continue
+        out.append(repr(value) if (number is not None or fraction is not None or not _is_number(tok)) else tok)
+        i = j
+    return " ".join(out)
+
+
+def _answer_text(task: str, text: str) -> str:
+    """The answer body with the region references taken out (their numbers are not the answer)."""
+    return _BBOX_RE.sub(" region ", _answer_body(task, text))
+
+
+def parse_quantity(text: str, bare_number_unit: str | None = None) -> float:
+    """A length in metres from an answer such as "1.2 meters", "35 cm", "one and a half feet".
+
+    ``bare_number_unit`` is the unit of a number written without one (None: such an answer is an
+    error). Raises :class:`AnswerParseError` for no value, a number without a unit or two
+    different values.
+    """
+    body = _spell_out_numbers(_answer_text("object quantity", text))
+    values: list[float] = []
+    matches = list(_QUANTITY_RE.finditer(body))
+    k = 0
+    while k < len(matches):
+        m = matches[k]
+        metres = float(m.group(1)) * LENGTH_UNITS[m.group(2)]
+        if LENGTH_UNITS[m.group(2)] == LENGTH_UNITS["ft"] and k + 1 < len(matches):
+            nxt = matches[k + 1]
+            gap = body[m.end():nxt.start()]
+            if LENGTH_UNITS[nxt.group(2)] == LENGTH_UNITS["in"] and _IMPERIAL_PAIR_GAP.fullmatch(gap):
+                metres += float(nxt.group(1)) * LENGTH_UNITS["in"]  # 5 feet 3 inches
+                k += 1
+        values.append(metres)
+        k += 1
+    if not values:
+        bare = _BARE_NUMBER_RE.findall(body)
+        if bare and bare_number_unit is not None:
+            if len({float(b) for b in bare}) > 1:
+                raise AnswerParseError("object quantity", text, "several different numbers")
+            values = [float(bare[0]) * LENGTH_UNITS[bare_number_unit]]
+        elif bare:
+            raise AnswerParseError("object quantity", text, "a number without a unit")
+        else:
+            raise AnswerParseError("object quantity", text, "no length found")
+    first = _finite("object quantity", text, values[0])
+    if any(abs(v - first) > 0.02 * max(abs(first), 1e-9) for v in values[1:]):
+        raise AnswerParseError("object quantity", text, "several different values")
+    if first < 0:
+        raise AnswerParseError("object quantity", text, f"negative length {first}")
+    return first
+
+
+def format_quantity(metres: float, unit: str = "meters") -> str:
+    """A length as the answers write it: the value in ``unit`` rounded to 2 decimals, then the unit
+    ("1.25 meters", "35.5 centimeters")."""
+    if unit not in QUANTITY_UNITS:
+        raise ProtocolError(f"unknown unit {unit!r}; expected one of {QUANTITY_UNITS}")
+    if not (math.isfinite(metres) and metres >= 0):
+        raise ProtocolError(f"a length must be finite and non-negative, got {metres!r}")
+    return f"{round(metres / LENGTH_UNITS[unit], 2)} {unit}"
+
+
+# -- predicates and choices ------------------------------------------------------------------------
+
+_YES = r"yes|yeah|yep|correct|indeed|true|right|affirmative|certainly|definitely"
+_NO = r"no|nope|incorrect|false|wrong|not|negative"
+_LEADING_CUE_RE = re.compile(rf"^\W*(?:that\s+is\s+|that's\s+|it\s+is\s+)?({_YES}|{_NO})\b")
+_CONTRARY_OPENING_RE = re.compile(r"^\W*(?:in\s+fact|actually)\b\W*")
+_YES_RE = re.compile(rf"\b(?:{_YES})\b")
+_NO_RE = re.compile(rf"\b(?:{_NO})\b|n't\b")
+
+
+def parse_verdict(text: str) -> bool:
+    """True / False from a yes / no answer (see the block comment for the rules)."""
+    body = _answer_text("object predicate", text).lower().strip()
+    if re.search(r"\byes\b", body) and re.search(r"\bno\b", body):
+        raise AnswerParseError("object predicate", text, "both yes and no")
+    match = _LEADING_CUE_RE.match(body)
+    if match:
+        return re.fullmatch(_YES, match.group(1)) is not None
+    contrary = _CONTRARY_OPENING_RE.match(body)
+    if contrary:
+        after = _LEADING_CUE_RE.match(body[contrary.end():])
+        return bool(after) and re.fullmatch(_YES, after.group(1)) is not None
+    yes, no = bool(_YES_RE.search(body)), bool(_NO_RE.search(body))
+    if yes != no:
+        return yes
+    raise AnswerParseError("object predicate", text, "no yes / no" if not yes else "both yes and no")
+
+
+def parse_choice(text: str, regions: list[tuple[float, float, float, float]]) -> int:
+    """Which of the question's regions (text coordinates, a first) a choice answer names: 0 or 1."""
+    named = {tuple(float(v) for v in r) for r in parse_bbox_references(_answer_body("object choice", text))}
+    candidates = [tuple(float(v) for v in r) for r in regions]
+    hits = [i for i, r in enumerate(candidates) if r in named]
+    if len(hits) != 1 or len(named) != 1:
+        reason = "no region of the question named" if not hits else "not exactly one of the question's regions named"
+        raise AnswerParseError("object choice", text, reason)
+    return hits[0]
+
+
+def parse_object_answer(question_id: str, text: str, regions: list[tuple[float, float, float, float]] | None = None,
+                        spec: TaskSpec = OBJECT) -> float | bool | int:
+    """An object answer's value: metres (quantity), bool (predicate) or region index (choice)."""
+    question = _object_question(question_id)
+    if question.kind == "quantity":
+        return parse_quantity(text, spec.option("bare_number_unit"))
+    if question.kind == "predicate":
+        return parse_verdict(text)
+    if regions is None:
+        raise ProtocolError(f"choice question {question_id!r} needs the question's regions to read its answer")
+    return parse_choice(text, regions)
+
+
+def format_object_answer(question_id: str, value: float | bool | int, regions: list[str] | tuple[str, ...],
+                         spec: TaskSpec = OBJECT, unit: str = "meters") -> str:
+    """The training answer for a true ``value`` (metres, bool or region index) about ``regions``."""
+    question, fields = _region_fields(question_id, regions)
+    if question.kind == "quantity":
+        return spec.answer(question_id, value=format_quantity(float(value), unit), **fields)
+    if question.kind == "predicate":
+        return spec.answer(f"{question_id}.{'yes' if value else 'no'}", **fields)
+    if int(value) not in (0, 1):
+        raise ProtocolError(f"a choice is region 0 or 1, got {value!r}")
+    return spec.answer(question_id, answer=regions[int(value)], **fields)

@@ -25,14 +25,16 @@ from vlm3_train.evaluate import (  # noqa: E402
 )
 
 
-def _write_sevenscenes_bag(scenes, path: Path, frames: int) -> Path:
+def _write_sevenscenes_bag(scenes, path: Path, frames: int, step: int = 1, registered: bool = False) -> Path:
     from vlm3_ros.bags import RgbdBagWriter
     from vlm3_ros.camera import Intrinsics
 
     K = scenes.intrinsics()
     with RgbdBagWriter(path, depth_encoding="16UC1") as writer:
-        for k, frame_id in enumerate(scenes.frame_ids[:frames]):
+        for k, frame_id in enumerate(scenes.frame_ids[::step][:frames]):
             rgb, depth, T_w_c = scenes.load_frame(frame_id)
+            if registered:  # colour resampled onto depth, as an RGB-D camera's aligned streams
+                rgb = scenes.load_registered_rgb(frame_id)
             writer.write_frame(1_000_000_000 + k * 33_333_333, rgb=rgb, depth_m=depth, T_w_c=T_w_c,
                                intrinsics=Intrinsics.from_K(K, rgb.shape[1], rgb.shape[0]))
     return path
@@ -214,3 +216,26 @@ def test_eval_command(dataset, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["depth"]["delta1"] == 1.0 and printed["pose"]["auc30"] == 100.0
     assert main(["eval", "--oracle", "--output", str(tmp_path / "r")]) == 2
+
+
+def test_eval_command_scores_dense_depth_on_a_bag(sevenscenes, tmp_path, capsys):
+    """`vlm3-train eval --bag B --dense 256` in oracle mode on real RGB-D frames: the completion beats
+    linear interpolation of the same answers, and the answers themselves are exact."""
+    from vlm3_train.cli import main
+
+    bag = _write_sevenscenes_bag(sevenscenes, tmp_path / "kitchen", frames=3, step=16, registered=True)
+    assert main(["eval", "--bag", str(bag), "--oracle", "--tasks", "depth", "--output", str(tmp_path / "r"),
+                 "--dense", "256", "--quiet", "--no-plots"]) == 0
+    dense = json.loads(capsys.readouterr().out)["dense"]
+    assert dense["frames"] == 3 and dense["rounds"] == [166, 90] and dense["questions_per_frame"] == 256
+    assert dense["sparse"]["delta1"] == 1.0 and dense["sparse"]["abs_rel"] < 0.005
+    assert dense["dense"]["coverage"] == 1.0 and dense["dense"]["delta1"] >= 0.97
+    assert dense["dense"]["delta1"] > dense["linear"]["delta1"] and dense["dense"]["abs_rel"] < dense["linear"]["abs_rel"]
+    assert dense["confident"]["coverage"] < 1.0
+    assert dense["confident"]["delta1"] / dense["confident"]["coverage"] > dense["dense"]["delta1"]
+    written = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert written["dense"] == dense
+    assert main(["eval", "--bag", str(bag), "--oracle", "--output", str(tmp_path / "r2"), "--dense", "256",
+                 "--dense-share", "1.5", "--quiet"]) == 2
+    assert "share" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path), "--oracle", "--output", str(tmp_path / "r3"), "--dense", "64"]) == 2

@@ -50,6 +50,8 @@ from vlm3_ros.engine.base import Backend, GroundTruth, Request
 from vlm3_ros.paths import write_atomic, write_json_atomic
 from vlm3_ros.protocol import AnswerParseError, ProtocolError, TaskSpec
 
+from .dataset import spec_differences
+
 __all__ = [
     "EvalError",
     "TaskResults",
@@ -555,9 +557,7 @@ def _check_spec(backend: Backend, oracle: bool, spec: TaskSpec) -> TaskSpec:
         served = backend.spec(spec.name)
     except Exception:
         raise EvalError(f"the model does not serve task {spec.name!r} (it serves {sorted(backend.specs)})") from None
-    keys = ("preprocess", "coord_scale", "num_images", "questions")
-    mine, theirs = spec.to_dict(), served.to_dict()
-    differ = [k for k in keys if mine[k] != theirs[k]]
+    differ = spec_differences(spec, served)
     if differ:
         raise EvalError(
             f"task {spec.name!r}: the dataset was prepared with other specs than the model's ({', '.join(differ)} differ); "
@@ -698,11 +698,13 @@ def evaluate_bags(backend: Backend, bags: Sequence[str | os.PathLike[str]], outp
                   oracle: bool = False, tasks: Sequence[str] | None = None, points_per_image: int = 10,
                   pose_gap: int = 1, correspondence_gap: int = 5, frame_stride: int = 1,
                   convert_options: Mapping[str, Any] | None = None, keep_dataset: str | os.PathLike[str] | None = None,
-                  **kwargs: Any) -> dict[str, Any]:
+                  dense: Any = None, **kwargs: Any) -> dict[str, Any]:
     """Convert bags with the backend's task specs (consecutive pose pairs ``pose_gap`` apart) and
     evaluate on every sample (split ``all``); other arguments as :func:`evaluate_datasets`.
 
-    ``keep_dataset``: also keep the converted dataset at this path.
+    ``keep_dataset``: also keep the converted dataset at this path. ``dense``: a
+    :class:`vlm3_train.dense_eval.DenseOptions` to also score dense depth against each frame's
+    depth image (report section ``dense``).
     """
     from .convert import ConvertOptions, TASK_NAMES, convert_bags
 
@@ -720,6 +722,10 @@ def evaluate_bags(backend: Backend, bags: Sequence[str | os.PathLike[str]], outp
         target = Path(keep_dataset) if keep_dataset else Path(tmp) / "dataset"
         converted = convert_bags(bags, target, options, overwrite=bool(keep_dataset), progress=progress)
         kwargs.setdefault("split", "all")
-        return evaluate_datasets(backend, [converted.path], output, oracle=oracle,
-                                 extra={"bags": [str(b) for b in bags], "conversion": converted.summary.get("samples")},
-                                 **kwargs)
+        extra: dict[str, Any] = {"bags": [str(b) for b in bags], "conversion": converted.summary.get("samples")}
+        if dense is not None:
+            from .dense_eval import evaluate_dense_bags
+
+            extra["dense"] = evaluate_dense_bags(backend, bags, dense, oracle=oracle,
+                                                 topics=dict(convert_options or {}).get("topics"))
+        return evaluate_datasets(backend, [converted.path], output, oracle=oracle, extra=extra, **kwargs)

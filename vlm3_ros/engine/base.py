@@ -46,6 +46,9 @@ class Request:
 
     ``images`` are RGB uint8 arrays (H, W, 3) already prepared per ``spec`` (see
     :func:`vlm3_ros.camera.prepare_image`); ``questions`` are full question texts.
+    ``extra_specs`` are other tasks whose questions the request also holds (for example depth
+    questions among object questions): they must prepare images exactly as ``spec`` does, so one
+    image prefix serves all questions; their stop strings apply too.
     """
 
     images: Sequence[np.ndarray]
@@ -53,8 +56,24 @@ class Request:
     spec: TaskSpec = TASKS["depth"]
     max_new_tokens: int = 128
     ground_truth: GroundTruth | None = None
+    extra_specs: tuple[TaskSpec, ...] = ()
+
+    @property
+    def specs(self) -> tuple[TaskSpec, ...]:
+        """``spec`` and the ``extra_specs``."""
+        return (self.spec, *self.extra_specs)
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        """The stop strings of every task in the request (an answer ends at any of them)."""
+        return tuple(dict.fromkeys(s for spec in self.specs for s in spec.stop_strings))
 
     def __post_init__(self) -> None:
+        self.extra_specs = tuple(self.extra_specs)
+        for extra in self.extra_specs:
+            if extra.preprocess != self.spec.preprocess or extra.num_images != self.spec.num_images:
+                raise EngineError(f"task {extra.name!r} prepares its images differently from {self.spec.name!r}; "
+                                  "their questions cannot share one request")
         if len(self.images) != self.spec.num_images:
             raise EngineError(
                 f"task {self.spec.name!r} takes {self.spec.num_images} image(s) per request, got {len(self.images)}"
@@ -113,6 +132,10 @@ class Backend(abc.ABC):
     def describe(self) -> dict[str, Any]:
         """A short description for diagnostics."""
         return {"backend": self.name, "tasks": sorted(self.specs)}
+
+    def health(self) -> dict[str, Any]:
+        """Live state for diagnostics (a remote backend's connection); empty for in-process backends."""
+        return {}
 
     def close(self) -> None:  # pragma: no cover - default no-op
         """Release resources."""

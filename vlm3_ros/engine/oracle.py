@@ -9,18 +9,29 @@ truth, and a model can be compared live against a depth sensor.
 
 from __future__ import annotations
 
+import re
 import time
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
-from .. import protocol
+from .. import objects, protocol
 from ..protocol import ProtocolError, TaskSpec
 from .base import Backend, EngineError, GroundTruth, Request, Response
 
-__all__ = ["OracleBackend", "UNKNOWN_ANSWER"]
+__all__ = ["OracleBackend", "UNKNOWN_ANSWER", "is_unknown_answer"]
 
 UNKNOWN_ANSWER = "<think> There is no reference value at this pixel. </think><answer> unknown </answer>"
+_UNKNOWN = re.compile(r"<answer>\s*unknown\s*</answer>\s*$")
+
+
+def is_unknown_answer(text: str | None) -> bool:
+    """True for an answer saying there is no reference value (the oracle's :data:`UNKNOWN_ANSWER`).
+
+    Such answers are not parse failures: the question has no ground truth (a hole in the depth
+    image, a pixel leaving the second view).
+    """
+    return text is not None and _UNKNOWN.search(text) is not None
 
 
 class OracleBackend(Backend):
@@ -40,17 +51,15 @@ class OracleBackend(Backend):
         gt = request.ground_truth
         if gt is None:
             raise EngineError("the oracle backend needs ground truth with every request")
-        spec = request.spec
-        handlers = {"depth": self._depth, "correspondence": self._correspondence, "pose": self._pose}
-        if spec.name not in handlers:
-            raise EngineError(f"the oracle does not answer {spec.name!r} questions")
+        handlers = {"depth": self._depth, "correspondence": self._correspondence, "pose": self._pose,
+                    "object": self._object}
+        for spec in request.specs:
+            if spec.name not in handlers:
+                raise EngineError(f"the oracle does not answer {spec.name!r} questions")
         answers = []
         for question in request.questions:
-            try:
-                qid, fields = spec.parse_question(question)
-            except ProtocolError as exc:
-                raise EngineError(f"oracle cannot read the question: {exc}") from None
-            answers.append(handlers[spec.name](request, gt, qid, fields))
+            spec, qid, fields = self._read(request, question)
+            answers.append(handlers[spec.name](request, gt, qid, fields, spec))
         return Response(
             answers=answers,
             prompt_tokens=[0] * len(answers),
@@ -59,19 +68,33 @@ class OracleBackend(Backend):
             timings={"total": time.perf_counter() - t0},
         )
 
+    @staticmethod
+    def _read(request: Request, question: str) -> tuple[TaskSpec, str, Any]:
+        """The task spec, question id and fields of a question (any task of the request)."""
+        errors = []
+        for spec in request.specs:
+            try:
+                if spec.name == "object":
+                    qid, regions = protocol.parse_object_question(question, spec)
+                    return spec, qid, regions
+                qid, fields = spec.parse_question(question)
+                return spec, qid, fields
+            except ProtocolError as exc:
+                errors.append(str(exc))
+        raise EngineError(f"oracle cannot read the question: {'; '.join(errors)}")
+
     # -- per task ------------------------------------------------------------------------------
 
     @staticmethod
-    def _pixel(request: Request, fields) -> tuple[float, float, int, int]:
+    def _pixel(request: Request, fields, spec: TaskSpec) -> tuple[float, float, int, int]:
         height, width = np.asarray(request.images[0]).shape[:2]
-        x, y = protocol.denormalize_point(fields["nx"], fields["ny"], width, height, request.spec.coord_scale)
+        x, y = protocol.denormalize_point(fields["nx"], fields["ny"], width, height, spec.coord_scale)
         return x, y, width, height
 
-    def _depth(self, request: Request, gt: GroundTruth, qid: str, fields) -> str:
-        spec = request.spec
+    def _depth(self, request: Request, gt: GroundTruth, qid: str, fields, spec: TaskSpec) -> str:
         if gt.depth is None or gt.K is None:
             raise EngineError("depth questions need ground truth depth and K")
-        x, y, width, height = self._pixel(request, fields)
+        x, y, width, height = self._pixel(request, fields, spec)
         depth = np.asarray(gt.depth)
         if depth.shape[:2] != (height, width):
             raise EngineError(f"ground truth depth is {depth.shape[1]}x{depth.shape[0]}, the image {width}x{height}")
@@ -86,9 +109,8 @@ class OracleBackend(Backend):
             value *= float(np.linalg.norm(np.linalg.solve(np.asarray(gt.K, float), [x, y, 1.0])))
         return spec.answer("depth", distance=value)
 
-    def _correspondence(self, request: Request, gt: GroundTruth, qid: str, fields) -> str:
-        spec = request.spec
-        x, y, width, height = self._pixel(request, fields)
+    def _correspondence(self, request: Request, gt: GroundTruth, qid: str, fields, spec: TaskSpec) -> str:
+        x, y, width, height = self._pixel(request, fields, spec)
         h2, w2 = np.asarray(request.images[1]).shape[:2]
         col, row = int(round(x)), int(round(y))
         if not (0 <= col < width and 0 <= row < height):
@@ -112,12 +134,29 @@ class OracleBackend(Backend):
             return UNKNOWN_ANSWER
         return spec.answer("correspondence", x=int(round(x2 / w2 * spec.coord_scale)), y=int(round(y2 / h2 * spec.coord_scale)))
 
-    def _pose(self, request: Request, gt: GroundTruth, qid: str, fields) -> str:
-        spec = request.spec
+    def _pose(self, request: Request, gt: GroundTruth, qid: str, fields, spec: TaskSpec) -> str:
         if gt.pose is None:
             raise EngineError("pose questions need a ground truth relative pose")
         T = np.asarray(gt.pose, float)
         try:
             return protocol.format_pose_answers(T[:3, :3], T[:3, 3], spec)[qid]
+        except ProtocolError:
+            return UNKNOWN_ANSWER
+
+    def _object(self, request: Request, gt: GroundTruth, qid: str, regions, spec: TaskSpec) -> str:
+        """From the back-projected reference depth inside each region (:mod:`vlm3_ros.objects`)."""
+        if gt.depth is None or gt.K is None:
+            raise EngineError("object questions need ground truth depth and K")
+        depth = np.asarray(gt.depth)
+        height, width = np.asarray(request.images[0]).shape[:2]
+        if depth.shape[:2] != (height, width):
+            raise EngineError(f"ground truth depth is {depth.shape[1]}x{depth.shape[0]}, the image {width}x{height}")
+        extents = [objects.region_extent(depth, gt.K, region, float(spec.coord_scale or 1000)) for region in regions]
+        if any(e is None for e in extents):
+            return UNKNOWN_ANSWER
+        value = objects.true_answer(qid, *extents)
+        texts = [spec.question("region", x1=int(r[0]), y1=int(r[1]), x2=int(r[2]), y2=int(r[3])) for r in regions]
+        try:
+            return protocol.format_object_answer(qid, value, texts, spec)
         except ProtocolError:
             return UNKNOWN_ANSWER

@@ -14,6 +14,10 @@ questions as one batch whose attention reads the shared prefix keys and values i
 * a row stops at end of turn, at a stop string or at ``max_new_tokens``; finished rows are removed
   from the batch and cost nothing more.
 
+The prefill and the decoding are separate steps (:func:`prefill_prefix`, :func:`decode_suffixes`):
+a prefilled :class:`Prefix` can serve a later request about the same image (a second round of
+questions about one frame) without running the vision tower or the prefix again.
+
 The attention is plugged in through transformers' ``AttentionInterface``: the model's text
 attention implementation is replaced by a function that behaves exactly like the original one
 unless a :class:`SharedPrefixState` is passed in the forward call's keyword arguments.
@@ -27,7 +31,16 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["DecodeResult", "SharedPrefixState", "decode_shared_prefix", "install_shared_prefix_attention", "PrefixInputs"]
+__all__ = [
+    "DecodeResult",
+    "Prefix",
+    "PrefixInputs",
+    "SharedPrefixState",
+    "decode_shared_prefix",
+    "decode_suffixes",
+    "install_shared_prefix_attention",
+    "prefill_prefix",
+]
 
 _STATE_KWARG = "vlm3_shared_prefix"
 _IMPL_PREFIX = "vlm3_shared_prefix:"
@@ -194,7 +207,91 @@ def _now(device: torch.device) -> float:
     return time.perf_counter()
 
 
+@dataclass
+class Prefix:
+    """The shared prefix after its prefill: per layer keys and values ``[1, Hkv, P, d]``, its length
+    and the model's multimodal RoPE offset for the tokens after it.
+
+    The keys and values of a causal prefix depend only on the tokens before them, so the first
+    ``n`` positions of a prefix are themselves a valid prefix (:meth:`truncated`): a later request
+    about the same image whose prompts agree with this one for ``n`` tokens reuses them as they are.
+    """
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    length: int
+    rope_delta: int
+
+    def truncated(self, length: int) -> "Prefix":
+        if not 0 < length <= self.length:
+            raise ValueError(f"a prefix of {self.length} tokens cannot be cut to {length}")
+        if length == self.length:
+            return self
+        return Prefix([(k[:, :, :length], v[:, :, :length]) for k, v in self.kv], length, self.rope_delta)
+
+
 @torch.inference_mode()
+def prefill_prefix(model: torch.nn.Module, prefix: PrefixInputs, timings: dict[str, float] | None = None) -> Prefix:
+    """Run the vision tower and prefill the shared prefix once (batch 1); ``timings`` gets
+    ``vision`` and ``prefix_prefill`` seconds."""
+    inner = model.model
+    device = prefix.input_ids.device
+    t0 = _now(device)
+    encoder_outputs = None
+    if prefix.pixel_values is not None:
+        features = inner.get_image_features(prefix.pixel_values, prefix.image_grid_thw, return_dict=True)
+        encoder_outputs = {"image": features}
+    t1 = _now(device)
+    out = inner(
+        input_ids=prefix.input_ids,
+        attention_mask=torch.ones_like(prefix.input_ids),
+        mm_token_type_ids=prefix.mm_token_type_ids,
+        image_grid_thw=prefix.image_grid_thw,
+        mm_encoder_outputs=encoder_outputs,
+        use_cache=True,
+    )
+    # transformers >= 5.2x names the output ``cache`` (``past_key_values`` still works, with a warning).
+    cache = out["cache"] if "cache" in out else out["past_key_values"]
+    kv = [(layer.keys, layer.values) for layer in cache.layers]
+    rope_delta = int(inner.rope_deltas.reshape(-1)[0]) if getattr(inner, "rope_deltas", None) is not None else 0
+    t2 = _now(device)
+    if timings is not None:
+        timings["vision"] = timings.get("vision", 0.0) + t1 - t0
+        timings["prefix_prefill"] = timings.get("prefix_prefill", 0.0) + t2 - t1
+    return Prefix(kv=kv, length=int(prefix.input_ids.shape[1]), rope_delta=rope_delta)
+
+
+@torch.inference_mode()
+def decode_suffixes(
+    model: torch.nn.Module,
+    prefix: Prefix,
+    suffixes: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    eos_token_ids: set[int],
+    is_stopped: Callable[[int, list[int]], bool] | None = None,
+    max_batch: int = 64,
+    pad_token_id: int = 0,
+    timings: dict[str, float] | None = None,
+) -> DecodeResult:
+    """Greedy answers for ``suffixes`` (each question's tokens after ``prefix``), read over the
+    prefilled prefix in place; arguments as :func:`decode_shared_prefix`."""
+    if any(len(s) == 0 for s in suffixes):
+        raise ValueError("every question needs at least one token after the shared prefix")
+    inner = model.model
+    lm_head = model.get_output_embeddings()
+    device = prefix.kv[0][0].device
+    timings = {"vision": 0.0, "prefix_prefill": 0.0, **(timings or {}), "suffix_prefill": 0.0, "decode": 0.0}
+    tokens: list[list[int]] = [[] for _ in suffixes]
+    reasons: list[str] = ["length"] * len(suffixes)
+    for start in range(0, len(suffixes), max_batch):
+        chunk = list(range(start, min(start + max_batch, len(suffixes))))
+        _decode_chunk(
+            inner, lm_head, prefix.kv, prefix.length, prefix.rope_delta, [suffixes[i] for i in chunk], chunk,
+            tokens, reasons, max_new_tokens, eos_token_ids, is_stopped, pad_token_id, device, timings,
+        )
+    return DecodeResult(tokens=tokens, finish_reasons=reasons, timings=timings)
+
+
 def decode_shared_prefix(
     model: torch.nn.Module,
     prefix: PrefixInputs,
@@ -214,43 +311,10 @@ def decode_shared_prefix(
     """
     if any(len(s) == 0 for s in suffixes):
         raise ValueError("every question needs at least one token after the shared prefix")
-    inner = model.model
-    lm_head = model.get_output_embeddings()
-    device = prefix.input_ids.device
-    timings = {"vision": 0.0, "prefix_prefill": 0.0, "suffix_prefill": 0.0, "decode": 0.0}
-
-    t0 = _now(device)
-    encoder_outputs = None
-    if prefix.pixel_values is not None:
-        features = inner.get_image_features(prefix.pixel_values, prefix.image_grid_thw, return_dict=True)
-        encoder_outputs = {"image": features}
-    t1 = _now(device)
-    out = inner(
-        input_ids=prefix.input_ids,
-        attention_mask=torch.ones_like(prefix.input_ids),
-        mm_token_type_ids=prefix.mm_token_type_ids,
-        image_grid_thw=prefix.image_grid_thw,
-        mm_encoder_outputs=encoder_outputs,
-        use_cache=True,
-    )
-    cache = out.past_key_values
-    prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]
-    prefix_len = prefix.input_ids.shape[1]
-    rope_delta = int(inner.rope_deltas.reshape(-1)[0]) if getattr(inner, "rope_deltas", None) is not None else 0
-    t2 = _now(device)
-    timings["vision"] = t1 - t0
-    timings["prefix_prefill"] = t2 - t1
-
-    tokens: list[list[int]] = [[] for _ in suffixes]
-    reasons: list[str] = ["length"] * len(suffixes)
-    for start in range(0, len(suffixes), max_batch):
-        chunk = list(range(start, min(start + max_batch, len(suffixes))))
-        _decode_chunk(
-            inner, lm_head, prefix_kv, prefix_len, rope_delta, [suffixes[i] for i in chunk], chunk,
-            tokens, reasons, max_new_tokens, eos_token_ids, is_stopped, pad_token_id, device, timings,
-        )
-    del cache, prefix_kv
-    return DecodeResult(tokens=tokens, finish_reasons=reasons, timings=timings)
+    timings: dict[str, float] = {}
+    prefilled = prefill_prefix(model, prefix, timings)
+    return decode_suffixes(model, prefilled, suffixes, max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,
+                           is_stopped=is_stopped, max_batch=max_batch, pad_token_id=pad_token_id, timings=timings)
 
 
 def _positions(text_positions: torch.Tensor, rope_delta: int) -> torch.Tensor:
