@@ -235,23 +235,6 @@ class TaskSpec:
                 raise AnswerParseError(self.name, text, f"{name} {value} is not finite")
         return values
 
-    def answer_complete(self, text: str, question_id: str | None = None) -> bool:
-        """Whether ``text`` is already a whole answer in the answer template: the template ends with
-        a number of fixed precision (e.g. ``{distance:.2f}``) and the text has all of it, so nothing
-        more can belong to the answer. False for templates that need the end of the turn to end
-        (a trailing integer or text)."""
-        pattern = self._complete_pattern(question_id)
-        return bool(pattern is not None and pattern.fullmatch(text))
-
-    def answer_can_complete(self, question_id: str | None = None) -> bool:
-        """Whether answers to this question can be whole before the end of the turn (see :meth:`answer_complete`)."""
-        return self._complete_pattern(question_id) is not None
-
-    def _complete_pattern(self, question_id: str | None) -> re.Pattern[str] | None:
-        qid = question_id or next(iter(self.answers), None)
-        template = self.answers.get(qid) if qid is not None else None
-        return _complete_regex(template) if template is not None else None
-
     def option(self, key: str, default: Any = None) -> Any:
         return self.options.get(key, default)
 
@@ -308,30 +291,6 @@ def _answer_regex(template: str) -> re.Pattern[str]:
             parts.append(f"(?P={name})" if name in seen else rf"(?P<{name}>{_NUM})")
             seen.add(name)
     return re.compile("".join(parts), re.DOTALL)
-
-
-@functools.lru_cache(maxsize=64)
-def _complete_regex(template: str) -> re.Pattern[str] | None:
-    """The whole answers of a template that ends with a fixed-precision number, else None."""
-    parts = list(string.Formatter().parse(template))
-    if not parts or parts[-1][1] is None or parts[-1][0] is None:
-        return None
-    pieces = []
-    for literal, name, spec, _conv in parts:
-        pieces.append(re.escape(literal or ""))
-        if name is None:
-            continue
-        fixed = re.fullmatch(r"(\+)?\.(\d+)f", spec or "")
-        if fixed is None:
-            if name == parts[-1][1]:
-                return None
-            pieces.append(_NUM)
-        else:
-            sign = "[-+]" if fixed.group(1) else "-?"
-            pieces.append(rf"{sign}\d+\.\d{{{int(fixed.group(2))}}}" if int(fixed.group(2)) else rf"{sign}\d+")
-    if parts[-1][2] is None or not re.fullmatch(r"(\+)?\.(\d+)f", parts[-1][2]):
-        return None
-    return re.compile("".join(pieces))
 
 
 DEPTH_QUESTION = (

@@ -268,7 +268,7 @@ def decode_suffixes(
     *,
     max_new_tokens: int,
     eos_token_ids: set[int],
-    is_stopped: Callable[[int, list[int]], bool] | None = None,
+    is_stopped: Callable[[list[int]], bool] | None = None,
     max_batch: int = 64,
     pad_token_id: int = 0,
     timings: dict[str, float] | None = None,
@@ -299,14 +299,14 @@ def decode_shared_prefix(
     *,
     max_new_tokens: int,
     eos_token_ids: set[int],
-    is_stopped: Callable[[int, list[int]], bool] | None = None,
+    is_stopped: Callable[[list[int]], bool] | None = None,
     max_batch: int = 64,
     pad_token_id: int = 0,
 ) -> DecodeResult:
     """Greedy answers for ``suffixes`` (each question's tokens after the shared prefix).
 
-    ``is_stopped(row, tokens)`` reports whether row ``row``'s generated tokens already hold a
-    complete answer (e.g. its text contains a stop string). Returns the generated token ids per row (the end-of-turn
+    ``is_stopped(tokens)`` reports whether a row's generated tokens already hold a complete answer
+    (e.g. its text contains a stop string). Returns the generated token ids per row (the end-of-turn
     token included when it ended the row, as ``generate`` returns it).
     """
     if any(len(s) == 0 for s in suffixes):
@@ -363,7 +363,7 @@ def _decode_chunk(
             tokens[row].append(tok)
             if tok in eos_token_ids:
                 reasons[row] = "eos"
-            elif is_stopped is not None and is_stopped(row, tokens[row]):
+            elif is_stopped is not None and is_stopped(tokens[row]):
                 reasons[row] = "stop"
             elif step + 1 < max_new_tokens:
                 keep.append(b)

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..protocol import ProtocolError, TaskSpec
+from ..protocol import TaskSpec
 from .base import Backend, EngineError, Request, Response
 from .checkpoint import LoadedCheckpoint, load_checkpoint
 
@@ -196,7 +196,7 @@ class TransformersBackend(Backend):
             [row[n:] for row in encoded.input_ids],
             max_new_tokens=request.max_new_tokens,
             eos_token_ids=self.eos_token_ids,
-            is_stopped=self._stop_check(request),
+            is_stopped=self._stop_check(request.stop_strings),
             max_batch=self.max_batch,
             pad_token_id=self.pad_token_id,
             timings=timings,
@@ -345,35 +345,14 @@ class TransformersBackend(Backend):
             raise EngineError(f"checkpoint {self.checkpoint.path} defines no end-of-turn token")
         return set(ids)
 
-    def _stop_check(self, request: Request):
-        """``stopped(row, tokens)``: the row's text holds a stop string, or is already a whole answer
-        in its question's answer template (a fixed-precision number ends it: no need to wait for
-        the end of the turn)."""
-        stops = request.stop_strings
-        forms: list[tuple[TaskSpec, str] | None] = []
-        for question in request.questions:
-            form = None
-            for spec in request.specs:
-                try:
-                    qid = spec.parse_question(question)[0]
-                except ProtocolError:
-                    continue
-                form = (spec, qid) if spec.answer_can_complete(qid) else None
-                break
-            forms.append(form)
-        if not stops and not any(forms):
-            return None
+    def _stop_check(self, stops: tuple[str, ...]):
+        if not stops:
             return None
         decode = self.tokenizer.decode
         last_chars = {s[-1] for s in stops}
 
-        def stopped(row: int, tokens: list[int]) -> bool:
+        def stopped(tokens: list[int]) -> bool:
             tail = decode(tokens[-1:], skip_special_tokens=True)
-            form = forms[row]
-            if form is not None and tail[-1:].isdigit():
-                text = decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-                if form[0].answer_complete(text, form[1]):
-                    return True
             if not any(c in tail for c in last_chars):
                 return False
             text = decode(tokens, skip_special_tokens=True)
