@@ -577,3 +577,80 @@ def test_convert_command(synthetic, tmp_path, capsys):
     assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "x"), "--quiet"]) == 2
     assert main(["convert", str(bag), str(tmp_path / "y"), "--tasks", "depth,normals", "--quiet"]) == 2
     assert "unknown task 'normals'" in capsys.readouterr().err
+
+
+def test_a_killed_conversion_is_cleaned_by_the_next_one(synthetic, tmp_path):
+    """A real SIGKILL in the middle of a conversion leaves its staging folder; the next conversion
+    into the same folder removes it (and leaves folders that are not its own alone)."""
+    import signal
+    import subprocess
+    import sys
+
+    _, bag, _ = synthetic
+    script = (
+        "import os, signal, sys\n"
+        "from vlm3_train import convert as cv\n"
+        "from vlm3_train.convert import samples\n"
+        "real, calls = samples.png_bytes, [0]\n"
+        "def png_bytes(rgb):\n"
+        "    calls[0] += 1\n"
+        "    if calls[0] == 4:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(rgb)\n"
+        "samples.png_bytes = png_bytes\n"
+        "cv.convert_bags([sys.argv[1]], sys.argv[2], cv.ConvertOptions(), progress=False)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(bag), str(tmp_path / "ds")], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    left = list(tmp_path.iterdir())
+    assert len(left) == 1 and left[0].name.startswith(".ds.") and left[0].name.endswith(".partial")
+    assert any((left[0] / "cache").rglob("*.arrow"))  # rows were being written
+    foreign = tmp_path / ".notes.partial"
+    foreign.mkdir()
+
+    result = cv.convert_bags([bag], tmp_path / "other", cv.ConvertOptions(tasks=("depth",)), progress=False)
+    assert result.summary["samples"] == {"depth": FRAMES}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.partial", "other"]
+
+
+def test_no_samples_is_the_package_error(synthetic, tmp_path, capsys):
+    from vlm3_train.cli import main
+
+    _, bag, _ = synthetic
+    with pytest.raises(cv.ConvertError, match="no samples could be made .*no depth topic"):
+        cv.convert_bags([bag], tmp_path / "ds", cv.ConvertOptions(tasks=("depth",), topics={"depth": "/nothing"}),
+                        progress=False)
+    assert main(["convert", str(bag), str(tmp_path / "ds"), "--depth-topic", "/nothing", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vlm3-train convert: no samples could be made") and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_takes_the_readme_pattern_of_synth_output(tmp_path, capsys):
+    """`vlm3-train synth data/synth` then `vlm3-train convert data/synth/scene_* ...` (the README's
+    commands): the pattern also matches the scenes' JSON descriptions, which are skipped."""
+    import glob
+
+    from vlm3_train.cli import main
+
+    synth = tmp_path / "synth"
+    assert main(["synth", str(synth), "--scenes", "2", "--frames", "3", "--size", "96x72", "--fx", "80",
+                 "--supersample", "1", "--quiet"]) == 0
+    capsys.readouterr()
+    inputs = sorted(glob.glob(str(synth / "scene_*")))
+    assert [Path(p).name for p in inputs] == ["scene_000", "scene_000.json", "scene_001", "scene_001.json"]
+    assert main(["convert", *inputs, str(tmp_path / "ds"), "--split", "bag", "--tasks", "depth", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "skipping" in captured.err and "scene_000.json" in captured.err and "scene_001.json" in captured.err
+    printed = json.loads(captured.out)
+    assert printed["samples_by_split"] == {"train": {"depth": 3}, "val": {"depth": 3}}
+    # A bag's storage file is a recording by itself; only other files are skipped.
+    mcap_dir = tmp_path / "mcap"
+    syn.write_bag(syn.generate_sequence(seed=1, frames=2, intrinsics=CAM, supersample=1), mcap_dir, storage="mcap")
+    assert main(["convert", *glob.glob(str(mcap_dir / "*.mcap")), str(tmp_path / "ds2"), "--tasks", "depth",
+                 "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["samples"] == {"depth": 2}
+    assert main(["convert", inputs[1], inputs[3], str(tmp_path / "ds3"), "--quiet"]) == 2
+    assert "no rosbag2 recording among the inputs" in capsys.readouterr().err
+    assert not (tmp_path / "ds3").exists()

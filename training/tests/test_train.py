@@ -168,8 +168,11 @@ def test_mixture_errors(mixture, weights, message):
 def _config(dataset, model, output, **overrides):
     from vlm3_train.sft import TrainConfig
 
+    # The tiny checkpoint serves the built-in specs (focal 1000 px); the small dataset is made with
+    # a focal of 110 px, so training it is a deliberate change of its protocol.
     settings = dict(data=[str(dataset)], model=str(model), output=str(output), max_steps=6, batch_size=2,
-                    learning_rate=2e-3, warmup=0, save_steps=3, progress=False, logging_steps=1, seed=0)
+                    learning_rate=2e-3, warmup=0, save_steps=3, progress=False, logging_steps=1, seed=0,
+                    allow_spec_change=True)
     settings.update(overrides)
     return TrainConfig(**settings)
 
@@ -262,12 +265,102 @@ def test_interrupted_run_resumes_to_the_same_state(uninterrupted, dataset, tiny_
     assert [h.get("loss") for h in state_a["log_history"]] == [h.get("loss") for h in state_b["log_history"]]
 
 
-def test_resume_refuses_changed_settings(uninterrupted, dataset, tiny_checkpoint):
+def _copy_of_run(uninterrupted, tmp_path) -> Path:
+    """A copy of the uninterrupted run's checkpoints (checkpoint-3, checkpoint-6, run record)."""
+    import shutil
+
+    return Path(shutil.copytree(uninterrupted.output.with_name("uninterrupted.run"), tmp_path / "copy.run"))
+
+
+def test_resume_refuses_changed_settings_and_names_them(uninterrupted, dataset, tiny_checkpoint, tmp_path):
     from vlm3_train.sft import TrainError, train
 
-    out = uninterrupted.output.with_name("uninterrupted")
-    with pytest.raises(TrainError, match="batch_size"):
-        train(_config(dataset, tiny_checkpoint, out, resume=True, batch_size=1, overwrite=True))
+    run_dir = _copy_of_run(uninterrupted, tmp_path)
+    out = tmp_path / "resumed"
+
+    def resume(**changes):
+        return train(_config(dataset, tiny_checkpoint, out, run_dir=str(run_dir), resume=True, **changes))
+
+    # A changed learning rate would be ignored (the optimizer and scheduler state carry the old one).
+    with pytest.raises(TrainError, match=r"learning_rate \(--lr\): 0\.002 -> 0\.0001"):
+        resume(learning_rate=1e-4)
+    with pytest.raises(TrainError) as error:
+        resume(batch_size=1, warmup=2, max_steps=8)
+    message = str(error.value)
+    assert "batch_size (--batch-size): 2 -> 1" in message and "warmup (--warmup): 0 -> 2" in message
+    assert "max_steps (--max-steps): 6 -> 8" in message and "--allow-changed max-steps" in message
+    assert "learning_rate" not in message
+    # Only settings a resumed run takes up can be allowed to change.
+    with pytest.raises(TrainError, match="learning_rate cannot change on resume"):
+        resume(learning_rate=1e-4, allow_changed=["lr"])
+    assert not out.exists() and sorted(p.name for p in run_dir.iterdir() if p.name.startswith("checkpoint-")) == [
+        "checkpoint-3", "checkpoint-6"]
+
+    # The documented override: train two steps more than the interrupted run planned.
+    longer = resume(max_steps=8, allow_changed=["max-steps"])
+    assert longer.resumed_from.endswith("checkpoint-6") and longer.global_step == 8
+    assert json.loads((out / "vlm3_training.json").read_text())["global_step"] == 8
+    assert json.loads((run_dir / "vlm3_run.json").read_text())["max_steps"] == 8
+
+
+def test_killed_export_is_cleaned_and_resumes_at_the_last_step(uninterrupted, dataset, tiny_checkpoint, tmp_path):
+    """A real SIGKILL in the middle of the final export (weights written, protocol file not yet):
+    the next run removes the staging directory it left and, resumed from the last step's
+    checkpoint, trains no further step."""
+    import dataclasses
+    import signal
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    from vlm3_train.sft import train
+
+    out = tmp_path / "models" / "killed"
+    config = dataclasses.asdict(_config(dataset, tiny_checkpoint, out))
+    script = (
+        "import json, os, signal, sys\n"
+        "from vlm3_ros import protocol\n"
+        "from vlm3_train import sft\n"
+        "protocol.save_protocol = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "sft.train(sft.TrainConfig(**json.loads(sys.argv[1])))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(config)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    left = [p for p in out.parent.iterdir() if p.name != "killed.run"]
+    assert len(left) == 1 and left[0].name.startswith(".killed.") and (left[0] / "model.safetensors").is_file()
+    assert not out.exists()
+
+    resumed = train(_config(dataset, tiny_checkpoint, out, resume=True))
+    assert resumed.resumed_from.endswith("checkpoint-6")
+    assert resumed.global_step == 6  # not 7: the checkpoint was the last step
+    assert sorted(p.name for p in out.parent.iterdir()) == ["killed", "killed.run"]
+    record = json.loads((out / "vlm3_training.json").read_text())
+    assert record["global_step"] == 6
+    assert record["train_loss"] == pytest.approx(np.mean([h["loss"] for h in uninterrupted.log_history if "loss" in h]))
+    a = load_file(str(uninterrupted.output / "model.safetensors"))
+    b = load_file(str(out / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-7, msg=name)
+
+
+def test_other_task_specs_are_refused_and_only_trained_tasks_are_exported(uninterrupted, dataset, tiny_checkpoint,
+                                                                         tmp_path):
+    from vlm3_train.sft import TrainError, train
+
+    # The tiny checkpoint serves depth at focal 1000 px; the data was prepared at 110 px.
+    with pytest.raises(TrainError, match=r"task 'depth'.*\(preprocess differ\).*--allow-spec-change"):
+        train(_config(dataset, tiny_checkpoint, tmp_path / "refused", allow_spec_change=False))
+    assert not (tmp_path / "refused").exists()
+
+    # The trained checkpoint serves the data's specs: fine-tuning it again needs no permission, and a
+    # depth-only run exports a protocol of depth alone.
+    result = train(_config(dataset, uninterrupted.output, tmp_path / "depth-only", allow_spec_change=False,
+                           tasks=["depth"], max_steps=1, save_steps=0))
+    assert result.global_step == 1
+    assert protocol.load_protocol(result.output) == {"depth": protocol.load_protocol(dataset)["depth"]}
+    assert set(protocol.load_protocol(uninterrupted.output)) == {"depth", "pose"}
 
 
 def test_lora_adapter_and_merged_exports_load_in_the_engine(dataset, tiny_checkpoint, tmp_path):
@@ -298,3 +391,22 @@ def test_lora_adapter_and_merged_exports_load_in_the_engine(dataset, tiny_checkp
     assert not any("lora" in n for n in names)
     for n, p in adapted.model.named_parameters():  # same seed and data: the merged weights equal base + adapter
         torch.testing.assert_close(names[n], p, rtol=0, atol=1e-6)
+
+
+def test_quiet_commands_draw_no_progress_bars(uninterrupted, dataset, tmp_path, capfd):
+    import re
+
+    from transformers.utils import logging as hf_logging
+
+    from vlm3_train.cli import main
+
+    out = tmp_path / "quiet"
+    assert main(["train", str(dataset), "--model", str(uninterrupted.output), "--output", str(out), "--tasks", "depth",
+                 "--max-steps", "1", "--save-steps", "0", "--quiet"]) == 0
+    assert main(["eval", "--checkpoint", str(out), str(dataset), "--output", str(tmp_path / "report"),
+                 "--tasks", "depth", "--max-samples", "1", "--no-plots", "--quiet"]) == 0
+    captured = capfd.readouterr()
+    bars = re.findall(r"[^\n\r]*\d+%\|[^\n\r]*", captured.err)
+    assert not bars, bars[:3]  # e.g. "Loading weights: 100%|...", "Writing model shards: 100%|..."
+    assert json.loads(captured.out[: captured.out.index("}\n") + 2])["global_step"] == 1
+    assert hf_logging.is_progress_bar_enabled()  # the library setting is restored afterwards

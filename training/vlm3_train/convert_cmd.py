@@ -8,6 +8,22 @@ import sys
 
 HELP = "turn rosbag2 recordings (image, camera info, depth or LiDAR, poses) into a VLM3 training dataset"
 
+#: Files that can be a recording by themselves (a rosbag2 storage file without its directory).
+BAG_FILE_SUFFIXES = (".mcap", ".db3")
+
+
+def split_bag_inputs(paths):
+    """``(bags, others)``: the inputs that can be recordings (directories, ``.mcap`` / ``.db3``
+    files, paths that do not exist: those fail with their own error) and the other files, which a
+    shell pattern picks up next to bags (``data/synth/scene_*`` matches ``scene_000.json`` too)."""
+    from pathlib import Path
+
+    bags, others = [], []
+    for path in paths:
+        is_other = Path(path).is_file() and Path(path).suffix.lower() not in BAG_FILE_SUFFIXES
+        (others if is_other else bags).append(path)
+    return bags, others
+
 
 def _int_list(text: str) -> tuple:
     try:
@@ -42,7 +58,9 @@ def _transform(text: str):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from vlm3_ros.bags import TOPICS
 
-    parser.add_argument("bags", nargs="+", metavar="BAG", help="rosbag2 directories (sqlite3 or mcap)")
+    parser.add_argument("bags", nargs="+", metavar="BAG",
+                        help="rosbag2 directories (sqlite3 or mcap) or their .db3 / .mcap files; other files are "
+                             "skipped with a notice (a pattern like data/synth/scene_* also matches scene_000.json)")
     parser.add_argument("out", metavar="OUT", help="dataset directory to create (written atomically)")
     parser.add_argument("--tasks", type=_tasks, default=("depth", "correspondence", "pose"),
                         help="comma-separated tasks: depth, correspondence, pose (default all)")
@@ -67,16 +85,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-covisibility", type=float, default=0.25,
                         help="pose pairs need this covisibility (default 0.25)")
     topics = parser.add_argument_group("topics and frames")
-    topics.add_argument("--image-topic", default=TOPICS["image"])
-    topics.add_argument("--camera-info-topic", default=TOPICS["camera_info"])
-    topics.add_argument("--depth-topic", default=TOPICS["depth"], help="depth image topic (16UC1 mm or 32FC1 m)")
-    topics.add_argument("--pose-topic", default=TOPICS["pose"], help="PoseStamped / Odometry / TransformStamped topic")
+    topics.add_argument("--image-topic", default=TOPICS["image"],
+                        help=f"colour image topic, sensor_msgs/Image (default {TOPICS['image']})")
+    topics.add_argument("--camera-info-topic", default=TOPICS["camera_info"],
+                        help=f"sensor_msgs/CameraInfo topic of the image (default {TOPICS['camera_info']})")
+    topics.add_argument("--depth-topic", default=TOPICS["depth"],
+                        help=f"depth image topic, 16UC1 mm or 32FC1 m (default {TOPICS['depth']})")
+    topics.add_argument("--pose-topic", default=TOPICS["pose"],
+                        help=f"PoseStamped / Odometry / TransformStamped topic (default {TOPICS['pose']})")
     topics.add_argument("--cloud-topic", default=None,
                         help="take depth from this PointCloud2 topic (projected into the camera) instead of a depth image")
     topics.add_argument("--lidar-extrinsic", type=_transform, default=None, metavar="'X Y Z QX QY QZ QW'",
                         help="pose of the cloud's frame in the camera optical frame (default: looked up in TF)")
     topics.add_argument("--pose-source", choices=("auto", "topic", "tf", "none"), default="auto",
-                        help="camera poses from the pose topic, from TF, or none (auto: topic if present, else TF)")
+                        help="camera poses from the pose topic, from TF, or none (default auto: the topic if present, else TF)")
     topics.add_argument("--camera-frame", default=None, help="camera optical frame in TF (default: CameraInfo frame_id)")
     topics.add_argument("--world-frame", default=None, help="fixed frame of TF poses (default: root of the TF tree)")
     topics.add_argument("--pose-child-frame", default=None,
@@ -97,6 +119,13 @@ def run(args: argparse.Namespace) -> int:
 
     from .convert import ConvertError, ConvertOptions, convert_bags, load_specs
 
+    bags, others = split_bag_inputs(args.bags)
+    if others:
+        if not bags:
+            print(f"vlm3-train convert: no rosbag2 recording among the inputs ({', '.join(others)} are files, "
+                  "not bags)", file=sys.stderr)
+            return 2
+        print(f"vlm3-train convert: skipping {', '.join(others)}: not rosbag2 recordings", file=sys.stderr)
     try:
         specs = load_specs(args.spec_file, args.tasks)
         options = ConvertOptions(
@@ -113,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
         arguments = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in vars(args).items() if not k.startswith("_")}
-        result = convert_bags(args.bags, args.out, options, overwrite=args.overwrite, progress=not args.quiet,
+        result = convert_bags(bags, args.out, options, overwrite=args.overwrite, progress=not args.quiet,
                               arguments=arguments)
     except (ConvertError, BagError) as exc:
         print(f"vlm3-train convert: {exc}", file=sys.stderr)

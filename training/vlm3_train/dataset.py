@@ -13,9 +13,12 @@ from typing import Any, Sequence
 
 from vlm3_ros import protocol
 
-__all__ = ["DatasetFormatError", "REQUIRED_COLUMNS", "open_dataset"]
+__all__ = ["DatasetFormatError", "REQUIRED_COLUMNS", "SPEC_KEYS", "open_dataset", "spec_differences"]
 
 REQUIRED_COLUMNS = ("task", "images", "questions", "answers")
+#: The fields of a task spec a model's answers depend on: how the images are prepared (focal
+#: target or edge size), the coordinate range, the number of images and the question templates.
+SPEC_KEYS = ("preprocess", "coord_scale", "num_images", "questions")
 
 
 class DatasetFormatError(ValueError):
@@ -43,3 +46,10 @@ def open_dataset(path: str | os.PathLike[str], required: Sequence[str] = REQUIRE
     if missing:
         raise DatasetFormatError(f"{data_dir} lacks column(s) {sorted(missing)}")
     return ds, specs
+
+
+def spec_differences(data_spec: protocol.TaskSpec, model_spec: protocol.TaskSpec) -> list[str]:
+    """The fields of :data:`SPEC_KEYS` in which a dataset's spec of a task differs from a model's
+    (empty when the model was trained for data prepared like this)."""
+    mine, theirs = data_spec.to_dict(), model_spec.to_dict()
+    return [k for k in SPEC_KEYS if mine.get(k) != theirs.get(k)]

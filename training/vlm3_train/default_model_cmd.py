@@ -18,9 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .default_model import REPORT_NAME, DefaultModelError, ensure_default_model
+    from .progress import library_progress_bars
 
     try:
-        path = ensure_default_model(args.cache_dir, force=args.force, progress=not args.quiet)
+        with library_progress_bars(not args.quiet):
+            path = ensure_default_model(args.cache_dir, force=args.force, progress=not args.quiet)
     except DefaultModelError as exc:
         print(f"vlm3-train default-model: {exc}", file=sys.stderr)
         return 1

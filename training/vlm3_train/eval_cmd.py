@@ -20,11 +20,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a rosbag2 recording to evaluate (repeatable); converted with the model's task specs")
     parser.add_argument("--output", required=True, help="report directory (report.json and PNG plots)")
     parser.add_argument("--adapter", help="LoRA adapter directory applied to --checkpoint")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16")
+    parser.add_argument("--device", default="auto", help="default auto (CUDA if available); cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="auto", help="default auto (bfloat16 on CUDA, float32 on CPU); float32, bfloat16")
     parser.add_argument("--tasks", help="comma-separated tasks to evaluate (default: all present)")
     parser.add_argument("--split", default="auto", choices=("auto", "train", "val", "all"),
-                        help="dataset rows to use (auto: val where present, else all; bags: all)")
+                        help="dataset rows to use (default auto: val where present, else all; bags: all)")
     parser.add_argument("--max-samples", type=int, help="at most this many samples per task and dataset")
     parser.add_argument("--max-new-tokens", type=int, help="answer length limit (default per task)")
     parser.add_argument("--points", type=int, default=10, help="bags: depth/correspondence questions per sample (default 10)")
@@ -44,6 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .progress import library_progress_bars
+
+    with library_progress_bars(not args.quiet):
+        return _evaluate(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     from vlm3_ros.engine import EngineError, load_backend
 
     from .evaluate import EvalError, evaluate_bags, evaluate_datasets

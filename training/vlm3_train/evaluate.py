@@ -44,6 +44,8 @@ from vlm3_ros.engine.base import Backend, GroundTruth, Request
 from vlm3_ros.paths import write_atomic, write_json_atomic
 from vlm3_ros.protocol import AnswerParseError, ProtocolError, TaskSpec
 
+from .dataset import spec_differences
+
 __all__ = [
     "EvalError",
     "TaskResults",
@@ -428,9 +430,7 @@ def _check_spec(backend: Backend, oracle: bool, spec: TaskSpec) -> TaskSpec:
         served = backend.spec(spec.name)
     except Exception:
         raise EvalError(f"the model does not serve task {spec.name!r} (it serves {sorted(backend.specs)})") from None
-    keys = ("preprocess", "coord_scale", "num_images", "questions")
-    mine, theirs = spec.to_dict(), served.to_dict()
-    differ = [k for k in keys if mine[k] != theirs[k]]
+    differ = spec_differences(spec, served)
     if differ:
         raise EvalError(
             f"task {spec.name!r}: the dataset was prepared with other specs than the model's ({', '.join(differ)} differ); "

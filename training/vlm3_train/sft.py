@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from vlm3_ros import protocol
-from vlm3_ros.paths import write_json_atomic
+from vlm3_ros.paths import remove_stale_staging, staged_directory, write_json_atomic
 from vlm3_ros.protocol import TaskSpec
 
 from .collate import SFTCollator
@@ -49,6 +48,7 @@ __all__ = [
     "latest_checkpoint",
     "load_training_set",
     "merge_specs",
+    "option_name",
     "train",
 ]
 
@@ -60,9 +60,22 @@ DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 TRAINING_RECORD = "vlm3_training.json"
 RUN_RECORD = "vlm3_run.json"
 STAGING_DIR = ".staging"
-# Settings that must not change between an interrupted run and its resumption.
+# Settings an interrupted run is resumed with unchanged (the run record); the others (output,
+# checkpoint cadence, logging, loader workers, export form) may differ freely.
 _RESUME_KEYS = ("data", "model", "mixture", "weights", "questions_per_sample", "shuffle_questions", "batch_size",
-                "grad_accum", "seed", "split", "tasks", "samples_per_epoch", "lora_r", "lora_targets")
+                "grad_accum", "seed", "split", "tasks", "samples_per_epoch", "lora_r", "lora_targets", "lora_alpha",
+                "lora_dropout", "freeze_vision", "learning_rate", "weight_decay", "warmup", "scheduler", "epochs",
+                "max_steps", "max_grad_norm", "max_length", "gradient_checkpointing", "precision", "device")
+#: Of those, the ones a resumed run takes up from its resumed step when asked (``allow_changed``,
+#: ``--allow-changed``). The rest are fixed by what the checkpoint holds: the optimizer and
+#: scheduler state carry the learning rate, weight decay and schedule (a new value would be
+#: silently ignored), the weights carry the LoRA and freezing layout, and the data order is
+#: replayed from the seed, mixture and batch settings.
+CHANGEABLE_ON_RESUME = ("epochs", "max_steps", "max_grad_norm", "max_length", "gradient_checkpointing", "precision",
+                        "device")
+# Command-line spelling of settings whose option is not ``--`` + the name with dashes.
+_OPTION_NAMES = {"learning_rate": "--lr", "device": "--cpu", "shuffle_questions": "--no-shuffle-questions",
+                 "data": "DATA"}
 
 
 class TrainError(ValueError):
@@ -86,6 +99,12 @@ class TrainingSet:
 
     def __len__(self) -> int:
         return int(self.rows.size)
+
+    def tasks(self) -> list[str]:
+        """The tasks of the rows used."""
+        import pyarrow.compute as pc
+
+        return sorted(pc.unique(self.dataset.data.column("task").take(self.rows)).to_pylist())
 
 
 def _open_dataset(path: Path):
@@ -227,6 +246,10 @@ class TrainConfig:
         max_length: drop trailing turns of samples longer than this many tokens.
         overwrite: replace an existing ``output``.
         progress: show progress bars; ``logging_steps``: log the loss every n steps.
+        allow_changed: settings of :data:`CHANGEABLE_ON_RESUME` that may differ from the
+            interrupted run's on ``resume`` (any other change is refused).
+        allow_spec_change: train on data whose task specs differ from the ones the base
+            checkpoint serves (the result then serves the data's specs); refused otherwise.
     """
 
     data: list[str]
@@ -267,6 +290,8 @@ class TrainConfig:
     logging_steps: int = 10
     progress: bool = True
     overwrite: bool = False
+    allow_changed: list[str] = field(default_factory=list)
+    allow_spec_change: bool = False
 
     def resolved_run_dir(self) -> Path:
         out = Path(self.output)
@@ -310,6 +335,14 @@ def _trainer_class():
 
         def _get_output_dir(self, trial) -> str:
             return self._vlm3_staging or super()._get_output_dir(trial)
+
+        def _run_epoch(self, *args, **kwargs):
+            # Resumed from the checkpoint of the last step (an export cut short): nothing is left
+            # to train, but the Trainer would take one more step before checking its limit.
+            if 0 < self.state.max_steps <= self.state.global_step:
+                self.control.should_training_stop = True
+                return None
+            return super()._run_epoch(*args, **kwargs)
 
         def compute_loss(self, model, inputs, *args, **kwargs):
             if model.training:
@@ -445,20 +478,69 @@ def _check_config(config: TrainConfig) -> None:
         raise TrainError(f"output {out} already exists (pass --overwrite to replace it)")
 
 
+def _check_specs(specs: Mapping[str, TaskSpec], loaded, model: str) -> None:
+    """Refuse data prepared with other task specs than the ones the checkpoint serves (the same
+    comparison as evaluation's): training on it would silently change the checkpoint's protocol.
+    A task the checkpoint does not serve yet is new to it, not a change."""
+    from .dataset import spec_differences
+
+    for name, spec in specs.items():
+        differ = spec_differences(spec, loaded.specs[name]) if name in loaded.specs else []
+        if differ:
+            how = (f"its protocol file (vlm3-train convert --spec-file {loaded.path})" if loaded.protocol_file
+                   else "the built-in VLM3 specs (vlm3-train convert without --spec-file)")
+            raise TrainError(
+                f"task {name!r}: the data was prepared with other specs than the checkpoint {model} serves "
+                f"({', '.join(differ)} differ); convert the data with {how}, or pass --allow-spec-change to train "
+                "the checkpoint for the data's specs (the result then serves those)"
+            )
+
+
+def _checkpoint_step(checkpoint: str | os.PathLike[str]) -> int | None:
+    try:
+        return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _run_record(config: TrainConfig) -> dict[str, Any]:
     data = asdict(config)
     return {k: data[k] for k in _RESUME_KEYS}
 
 
+def option_name(key: str) -> str:
+    """The command-line option of a :class:`TrainConfig` setting (``learning_rate`` -> ``--lr``)."""
+    return _OPTION_NAMES.get(key, "--" + key.replace("_", "-"))
+
+
+def _option(key: str) -> str:
+    return f"{key} ({option_name(key)})"
+
+
 def _check_resume(run_dir: Path, config: TrainConfig) -> None:
+    """Refuse to resume with settings other than the interrupted run's, except those of
+    ``config.allow_changed`` (which must be in :data:`CHANGEABLE_ON_RESUME`)."""
+    by_option = {option_name(k).lstrip("-"): k for k in _RESUME_KEYS}
+    allowed = {by_option.get(name.lstrip("-"), name.lstrip("-").replace("-", "_")) for name in config.allow_changed}
+    fixed = sorted(allowed - set(CHANGEABLE_ON_RESUME))
+    if fixed:
+        raise TrainError(f"allow_changed: {', '.join(fixed)} cannot change on resume; only "
+                         f"{', '.join(CHANGEABLE_ON_RESUME)} can (start a new run for other changes)")
     path = run_dir / RUN_RECORD
     if not path.is_file():
         return
     before = json.loads(path.read_text())
     now = json.loads(json.dumps(_run_record(config)))
-    changed = {k: (before.get(k), now[k]) for k in now if before.get(k) != now[k]}
+    # A record written by an older version may lack some settings: those cannot be compared.
+    changed = [k for k in now if k in before and before[k] != now[k] and k not in allowed]
     if changed:
-        raise TrainError(f"cannot resume {run_dir}: settings differ from the interrupted run: {changed}")
+        listed = "; ".join(f"{_option(k)}: {before[k]!r} -> {now[k]!r}" for k in changed)
+        hint = "run the same command as before, or start a new run (another --run-dir, or without --resume)"
+        takes = [k for k in changed if k in CHANGEABLE_ON_RESUME]
+        if takes:
+            hint += (f"; to continue with the new {', '.join(takes)}, add --allow-changed "
+                     + ",".join(option_name(k).lstrip("-") for k in takes))
+        raise TrainError(f"cannot resume {run_dir}: settings differ from the interrupted run: {listed} ({hint})")
 
 
 def export_checkpoint(model, processor, specs: Mapping[str, TaskSpec], output: str | os.PathLike[str], *,
@@ -473,9 +555,9 @@ def export_checkpoint(model, processor, specs: Mapping[str, TaskSpec], output: s
     output = Path(output)
     if output.exists() and not overwrite:
         raise TrainError(f"output {output} already exists")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
-    try:
+    # A locked staging directory next to ``output`` (vlm3_ros.paths.staged_directory): a killed
+    # export leaves it behind and the next export into the same folder removes it.
+    with staged_directory(output, overwrite=overwrite) as tmp:
         to_save = model
         if not adapter and hasattr(model, "merge_and_unload"):
             to_save = model.merge_and_unload()
@@ -488,17 +570,7 @@ def export_checkpoint(model, processor, specs: Mapping[str, TaskSpec], output: s
         if record is not None:
             write_json_atomic(tmp / TRAINING_RECORD, dict(record))
         _fsync_tree(tmp)
-        if output.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{output.name}-old-", dir=output.parent))
-            os.replace(output, old / "x")
-            os.replace(tmp, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output)
-        _fsync_dir(output.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _fsync_dir(output.parent)
     return output
 
 
@@ -520,14 +592,18 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> TrainResult:
     cuda, bf16 = _precision(config)
     set_seed(config.seed)
 
+    remove_stale_staging(Path(config.output).absolute().parent)  # what a killed export left
     sets = [load_training_set(p, split=config.split, tasks=config.tasks) for p in config.data]
-    specs = merge_specs(sets)
+    trained = sorted({task for s in sets for task in s.tasks()})
+    specs = {task: spec for task, spec in merge_specs(sets).items() if task in trained}
     dataset = SFTDataset(sets, questions_per_sample=config.questions_per_sample,
                          shuffle_questions=config.shuffle_questions, seed=config.seed)
     probabilities = mixture_weights(dataset.sizes, config.mixture, config.weights)
     sampler = MixtureSampler(dataset.sizes, probabilities, num_samples=config.samples_per_epoch, seed=config.seed)
 
     loaded = load_checkpoint(config.model, device="cpu", dtype="bfloat16" if bf16 else "float32")
+    if not config.allow_spec_change:
+        _check_specs(specs, loaded, config.model)
     model = _prepare_model(config, loaded)
     collator = SFTCollator(loaded.processor, max_length=config.max_length)
 
@@ -596,13 +672,18 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> TrainResult:
             flush=True,
         )
     output = trainer.train(resume_from_checkpoint=resume_from)
+    train_loss = float(output.training_loss)
+    if resume_from and trainer.state.global_step == _checkpoint_step(resume_from):
+        # Resumed from the last step (only the export was left): the loss logged before the interruption.
+        logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        train_loss = float(np.mean(logged)) if logged else float("nan")
     record = {
         "base_model": str(config.model),
         "config": json.loads(json.dumps(asdict(config), default=str)),
         "datasets": [{"path": str(s.path), "rows": len(s), "items": n} for s, n in zip(sets, dataset.sizes)],
         "mixture_probabilities": probabilities.tolist(),
         "global_step": trainer.state.global_step,
-        "train_loss": float(output.training_loss),
+        "train_loss": train_loss,
         "log_history": trainer.state.log_history,
         "resumed_from": resume_from,
         "seconds": time.perf_counter() - t0,
@@ -617,7 +698,7 @@ def train(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> TrainResult:
     return TrainResult(
         output=Path(config.output),
         global_step=trainer.state.global_step,
-        train_loss=float(output.training_loss),
+        train_loss=train_loss,
         seconds=time.perf_counter() - t0,
         samples_seen=seen,
         labels_seen=trainer.vlm3_labels_seen,

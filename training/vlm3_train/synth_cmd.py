@@ -26,14 +26,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", metavar="OUT", help="output directory (bags scene_NNN and descriptions scene_NNN.json)")
     parser.add_argument("--scenes", type=int, default=4, help="number of scenes, one bag each (default 4)")
     parser.add_argument("--frames", type=int, default=30, help="frames per scene (default 30, 10 Hz stamps)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; the output is identical for a seed")
-    parser.add_argument("--storage", choices=("sqlite3", "mcap"), default="sqlite3", help="rosbag2 storage")
+    parser.add_argument("--seed", type=int, default=0, help="random seed; the output is identical for a seed (default 0)")
+    parser.add_argument("--storage", choices=("sqlite3", "mcap"), default="sqlite3", help="rosbag2 storage (default sqlite3)")
     parser.add_argument("--size", type=_size, default=DEFAULT_SIZE,
                         help=f"image size WIDTHxHEIGHT (default {DEFAULT_SIZE[0]}x{DEFAULT_SIZE[1]})")
     parser.add_argument("--fx", type=float, default=DEFAULT_FOCAL,
                         help=f"focal length in pixels, fx = fy (default {DEFAULT_FOCAL:g})")
     parser.add_argument("--depth-encoding", choices=("32FC1", "16UC1"), default="32FC1",
-                        help="depth image encoding: 32FC1 metres (exact) or 16UC1 millimetres")
+                        help="depth image encoding: 32FC1 metres (exact; default) or 16UC1 millimetres")
     parser.add_argument("--supersample", type=int, default=2, help="colour rays per pixel along each axis (default 2)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing bags")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

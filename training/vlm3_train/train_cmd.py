@@ -23,7 +23,7 @@ def _positive_int(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .sft import DEFAULT_LORA_TARGETS
+    from .sft import CHANGEABLE_ON_RESUME, DEFAULT_LORA_TARGETS, option_name
 
     parser.add_argument("data", nargs="+", help="dataset directories (from `vlm3-train convert`)")
     parser.add_argument("--model", required=True, help="base checkpoint: a directory or a hub id in the local cache")
@@ -44,36 +44,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--split", default="train", choices=("train", "val", "all"), help="rows used (default train)")
     data.add_argument("--tasks", help="comma-separated tasks to train on (default: all in the data)")
     data.add_argument("--max-length", type=int, help="drop trailing question turns beyond this many tokens")
-    data.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
+    data.add_argument("--num-workers", type=int, default=0, help="data loader worker processes (default 0: load in the training process)")
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=float, default=1.0, help="training epochs (default 1)")
-    opt.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
+    opt.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0 (default -1: use --epochs)")
     opt.add_argument("--batch-size", type=_positive_int, default=1, help="samples per device per step (default 1)")
     opt.add_argument("--grad-accum", type=_positive_int, default=1, help="gradient accumulation steps (default 1)")
     opt.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (default 1e-5; LoRA: try 1e-4)")
-    opt.add_argument("--weight-decay", type=float, default=0.0)
-    opt.add_argument("--warmup", type=float, default=0.03, help="warmup: fraction of steps (< 1) or steps (>= 1)")
+    opt.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    opt.add_argument("--warmup", type=float, default=0.03, help="warmup: fraction of steps (< 1) or steps (>= 1) (default 0.03)")
     opt.add_argument("--scheduler", default="cosine", help="learning-rate schedule (transformers names; default cosine)")
-    opt.add_argument("--max-grad-norm", type=float, default=1.0)
+    opt.add_argument("--max-grad-norm", type=float, default=1.0,
+                     help="clip the gradient norm to this (default 1.0; 0 = no clipping)")
     opt.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                     help="auto: bfloat16 on CUDA, float32 on CPU")
+                     help="default auto: bfloat16 on CUDA, float32 on CPU")
     opt.add_argument("--cpu", action="store_true", help="train on the CPU even where CUDA is available")
     opt.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
     opt.add_argument("--freeze-vision", action="store_true", help="full fine-tuning with the vision tower frozen")
-    opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument("--seed", type=int, default=0,
+                     help="seed of the data order, question shuffling and LoRA initialisation (default 0)")
     lora = parser.add_argument_group("LoRA")
-    lora.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0 = full fine-tuning)")
+    lora.add_argument("--lora-r", type=int, default=0, help="LoRA rank (default 0 = full fine-tuning)")
     lora.add_argument("--lora-alpha", type=int, help="LoRA alpha (default 2 * rank)")
-    lora.add_argument("--lora-dropout", type=float, default=0.05)
+    lora.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA layers (default 0.05)")
     lora.add_argument("--lora-targets", default=",".join(DEFAULT_LORA_TARGETS),
                       help="comma-separated module names to adapt (default: the language model's linear layers)")
     lora.add_argument("--lora-export", choices=("merged", "adapter"), default="merged",
-                      help="merged: a plain checkpoint; adapter: an adapter directory (engine: adapter=OUTPUT)")
+                      help="merged (default): a plain checkpoint; adapter: an adapter directory (engine: adapter=OUTPUT)")
     ckpt = parser.add_argument_group("checkpoints")
-    ckpt.add_argument("--save-steps", type=int, default=500, help="checkpoint every n optimizer steps (0 = never)")
+    ckpt.add_argument("--save-steps", type=int, default=500, help="checkpoint every n optimizer steps (default 500; 0 = never)")
     ckpt.add_argument("--save-total-limit", type=int, default=2, help="keep the last n checkpoints (default 2)")
-    ckpt.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in the run dir")
-    parser.add_argument("--logging-steps", type=_positive_int, default=10, help="log the loss every n steps")
+    ckpt.add_argument("--resume", action="store_true",
+                      help="continue from the latest complete checkpoint in the run dir (changed settings are refused)")
+    ckpt.add_argument("--allow-changed", metavar="SETTINGS",
+                      help="with --resume: comma-separated settings that may differ from the interrupted run, among "
+                           + ", ".join(option_name(k).lstrip("-") for k in CHANGEABLE_ON_RESUME)
+                           + " (e.g. max-steps to train longer; default: none)")
+    parser.add_argument("--allow-spec-change", action="store_true",
+                        help="train on data prepared with other task specs (focal, coordinate range, questions) than "
+                             "the checkpoint serves; the result then serves the data's specs (default: refused)")
+    parser.add_argument("--logging-steps", type=_positive_int, default=10, help="log the loss every n steps (default 10)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -121,6 +131,8 @@ def config_from_args(args: argparse.Namespace):
         logging_steps=args.logging_steps,
         progress=not args.quiet,
         overwrite=args.overwrite,
+        allow_changed=[t.strip() for t in (args.allow_changed or "").split(",") if t.strip()],
+        allow_spec_change=args.allow_spec_change,
     )
 
 
@@ -129,10 +141,12 @@ def run(args: argparse.Namespace) -> int:
 
     from .collate import CollationError
     from .mixture import MixtureError
+    from .progress import library_progress_bars
     from .sft import TrainError, train
 
     try:
-        result = train(config_from_args(args))
+        with library_progress_bars(not args.quiet):
+            result = train(config_from_args(args))
     except (TrainError, MixtureError, CollationError, EngineError) as exc:
         print(f"vlm3-train train: {exc}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
 """The dataset directory a conversion writes, atomically: built in a temporary sibling and renamed
-into place on success, so a failure or Ctrl-C leaves nothing (or the old dataset) at the target.
+into place on success, so a failure or Ctrl-C leaves nothing (or the old dataset) at the target,
+and a killed conversion's leftover is removed by the next conversion into the same folder.
 
 * ``data/``: a Hugging Face ``datasets`` directory, one row per sample (:data:`DATASET_COLUMNS`);
 * ``vlm3_protocol.json``: the task specs used;
@@ -10,14 +11,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 from vlm3_ros import protocol
-from vlm3_ros.paths import write_json_atomic
+from vlm3_ros.paths import staged_directory, write_json_atomic
 
 from .options import ConvertError, ConvertOptions
 from .samples import Stats
@@ -67,18 +67,29 @@ def write_dataset(out: str | os.PathLike[str], options: ConvertOptions, rows: Ro
     out = Path(out)
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise ConvertError(f"{out} exists already; pass overwrite (--overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     stats = Stats()
     summaries: List[Dict[str, Any]] = []
     start = time.perf_counter()
-    try:
+    produced = [0]
+
+    def counted() -> Iterator[Dict[str, Any]]:
+        for row in rows(stats, summaries):
+            produced[0] += 1
+            yield row
+
+    def nothing_made() -> ConvertError:
+        return ConvertError(f"no samples could be made from {', '.join(sources)}: "
+                            + ("; ".join(stats.reasons[:5]) or "no frames were read"))
+
+    # Built in a locked staging directory next to ``out`` (see vlm3_ros.paths.staged_directory):
+    # the stale one of a killed conversion is removed by the next conversion into the same folder.
+    with staged_directory(out, overwrite=overwrite) as tmp:
         # A fresh cache inside the temporary directory: rows are streamed to disk, never reused.
         bars_were_on = not datasets.are_progress_bars_disabled()
         datasets.disable_progress_bars()
         try:
             try:
-                dataset = datasets.Dataset.from_generator(lambda: rows(stats, summaries), features=dataset_features(),
+                dataset = datasets.Dataset.from_generator(counted, features=dataset_features(),
                                                           cache_dir=str(tmp / "cache"))
             except datasets.exceptions.DatasetGenerationError as exc:
                 # datasets wraps errors raised inside the generator; re-raise ours as they are.
@@ -86,9 +97,12 @@ def write_dataset(out: str | os.PathLike[str], options: ConvertOptions, rows: Ro
                 if isinstance(cause, ValueError):
                     raise cause from None
                 raise
+            except ValueError:
+                if produced[0] == 0:  # datasets: 'Instruction "train" corresponds to no data!'
+                    raise nothing_made() from None
+                raise
             if len(dataset) == 0:
-                raise ConvertError(f"no samples could be made from {', '.join(sources)}: "
-                                   + "; ".join(stats.reasons[:5]))
+                raise nothing_made()
             dataset.save_to_disk(str(tmp / "data"))
             del dataset
         finally:
@@ -99,16 +113,6 @@ def write_dataset(out: str | os.PathLike[str], options: ConvertOptions, rows: Ro
         summary = _summary(options, stats, summaries, arguments, __version__, time.perf_counter() - start)
         write_json_atomic(tmp / "summary.json", summary, default=None)
         _publishable(tmp)
-        if out.exists() or out.is_symlink():
-            old = tmp.with_name(tmp.name + ".old")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ConvertResult(out, summary)
 
 
