@@ -88,7 +88,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     except (EvalError, EngineError, ValueError) as exc:
         print(f"vlm3-train eval: {exc}", file=sys.stderr)
         return 2
-    summary = {k: report[k] for k in ("depth", "correspondence", "pose", "dense") if k in report}
+    summary = {k: report[k] for k in ("depth", "correspondence", "pose", "object", "dense") if k in report}
     if "trajectory" in report:
         summary["trajectory"] = {k: v for k, v in report["trajectory"].items() if k != "trajectories"}
     print(json.dumps({"output": args.output, "samples": report["samples"], **summary}, indent=2))
