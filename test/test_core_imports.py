@@ -9,7 +9,6 @@ CORE = [
     "vlm3_ros.camera",
     "vlm3_ros.geometry",
     "vlm3_ros.metrics",
-    "vlm3_ros.object_metrics",
     "vlm3_ros.pipeline",
     "vlm3_ros.completion",
     "vlm3_ros.dense_eval",

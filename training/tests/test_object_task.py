@@ -160,14 +160,14 @@ def _oracle_is_exact(report: dict, questions: int) -> None:
     obj = report["object"]
     assert obj["num_questions"] == questions and obj["num_unparseable"] == 0
     quant, qual = obj["quantitative"], obj["qualitative"]
-    assert quant["num"] + qual["num"] == questions
-    assert quant["num"] > 0 and quant["success_rate"] == 1.0
-    assert qual["accuracy"] == 1.0 if qual["num"] else qual["accuracy"] is None
+    assert quant["count"] + (qual["count"] if qual else 0) == questions
+    assert quant["success_rate"] == 1.0 and quant["unparseable"] == 0
+    assert qual is None or (qual["accuracy"] == 1.0 and qual["unparseable"] == 0)
     # Answers have 2 decimals: |error| <= 0.005 m, so the relative error is within 0.005 / truth.
     assert quant["abs_rel"] <= 0.005 / 0.2
-    for per in quant["per_type"].values():
-        assert per["success_rate"] == 1.0 and per["num_parsed"] == per["num"]
-    assert all(per["accuracy"] == 1.0 for per in qual["per_type"].values())
+    for qid, per in obj["per_type"].items():
+        key = "success_rate" if protocol.OBJECT_QUESTIONS[qid].kind == "quantity" else "accuracy"
+        assert per[key] == 1.0 and per["unparseable"] == 0
 
 
 def test_eval_of_the_oracle_is_exact_within_rounding(scene_data, tmp_path, capsys):
@@ -235,16 +235,15 @@ def test_recipe_convert_train_eval_trains_the_object_task(tmp_path, tiny_checkpo
     printed = json.loads(capsys.readouterr().out)
     obj = printed["object"]
     assert printed["samples"] == {"object": n_val} and obj["num_questions"] == val_questions
-    quant, qual = obj["quantitative"], obj["qualitative"]
-    assert quant["num"] + qual["num"] == val_questions
-    assert quant["num_parsed"] + qual["num_parsed"] + obj["num_unparseable"] == val_questions
-    for value in (quant["success_rate"], qual["accuracy"]):
-        assert value is None or 0.0 <= value <= 1.0
+    kinds = [obj[k] for k in ("quantitative", "qualitative") if obj[k]]
+    assert sum(k["count"] for k in kinds) == val_questions
+    assert sum(k["unparseable"] for k in kinds) == obj["num_unparseable"]
+    assert all(0.0 <= k.get("success_rate", k.get("accuracy")) <= 1.0 for k in kinds)
     assert main(["eval", str(tmp_path / "data"), "--oracle", "--output", str(tmp_path / "ev-oracle"), "--split", "all",
                  "--quiet", "--no-plots"]) == 0
     oracle = json.loads(capsys.readouterr().out)
     _oracle_is_exact(oracle, sum(len(r["questions"]) for r in rows))
-    assert oracle["object"]["qualitative"]["num"] > 0
+    assert oracle["object"]["qualitative"]["count"] > 0
 
 
 def test_7scenes_frames_with_segmented_boxes_give_object_metrics(sevenscenes, tiny_checkpoint, tmp_path, capsys):
@@ -282,6 +281,6 @@ def test_7scenes_frames_with_segmented_boxes_give_object_metrics(sevenscenes, ti
                  "--frame-stride", "3", "--max-new-tokens", "16", "--output", str(tmp_path / "ckpt"), "--quiet",
                  "--no-plots"]) == 0
     obj = json.loads(capsys.readouterr().out)["object"]
-    assert obj["num_questions"] > 0
-    assert obj["quantitative"]["num_parsed"] + obj["qualitative"]["num_parsed"] + obj["num_unparseable"] \
-        == obj["num_questions"]
+    kinds = [obj[k] for k in ("quantitative", "qualitative") if obj[k]]
+    assert obj["num_questions"] > 0 and sum(k["count"] for k in kinds) == obj["num_questions"]
+    assert sum(k["unparseable"] for k in kinds) == obj["num_unparseable"]

@@ -552,8 +552,7 @@ def evaluate_datasets(backend: Backend, paths: Sequence[str | os.PathLike[str]],
         chains = chain_trajectories(results.pose_keys, results.pose_pred, results.pose_gt)
         report["trajectory"] = _trajectory_report(chains)
     if len(results.objects):
-        report["object"] = object_report(results.objects, results.samples.get("object", 0),
-                                         results.unparseable.get("object", 0))
+        report["object"] = object_report(results.objects, results.samples.get("object", 0))
     report["unparseable_examples"] = {k: v for k, v in results.examples.items() if v}
     if extra:
         report.update(extra)

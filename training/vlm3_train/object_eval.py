@@ -1,14 +1,16 @@
 """Evaluation of the object task (part of :mod:`vlm3_train.evaluate`): each answer is read with
 :func:`vlm3_ros.protocol.parse_object_answer` against the question's regions and scored with
-:func:`vlm3_ros.object_metrics.object_metrics` (SpatialRGPT-style: quantitative success rate within
-25 % and absolute relative error per question type, qualitative accuracy)."""
+:func:`vlm3_ros.metrics.object_metrics` (SpatialRGPT-Bench conventions: quantitative success rate
+within 25 % and absolute relative error per question type, qualitative accuracy; an unparseable
+answer fails)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from vlm3_ros import object_metrics, protocol
+from vlm3_ros import metrics, protocol
 from vlm3_ros.protocol import AnswerParseError, ProtocolError, TaskSpec
 
 __all__ = ["ObjectAnswers", "object_report"]
@@ -44,7 +46,22 @@ class ObjectAnswers:
         return len(self.truths)
 
 
-def object_report(answers: ObjectAnswers, samples: int, unparseable: int) -> dict[str, Any]:
-    """The report's ``object`` section."""
-    return {**object_metrics.object_metrics(answers.question_ids, answers.predictions, answers.truths),
-            "num_questions": len(answers), "num_unparseable": unparseable, "samples": samples}
+def _clean(stats: Mapping[str, float]) -> dict[str, Any]:
+    return {k: (int(v) if k in ("count", "unparseable") else (float(v) if math.isfinite(v) else None))
+            for k, v in stats.items()}
+
+
+def object_report(answers: ObjectAnswers, samples: int) -> dict[str, Any]:
+    """The report's ``object`` section: ``quantitative`` and ``qualitative`` (pooled), ``per_type``
+    (per question id), with counts; quantities whose truth is 0 are not scored."""
+    found = metrics.object_metrics(zip(answers.question_ids, answers.predictions, answers.truths))
+    pooled = ("quantitative", "qualitative")
+    return {
+        "quantitative": _clean(found["quantitative"]) if "quantitative" in found else None,
+        "qualitative": _clean(found["qualitative"]) if "qualitative" in found else None,
+        "per_type": {qid: _clean(v) for qid, v in found.items() if qid not in pooled},
+        "tolerance": 0.25,
+        "num_questions": len(answers),
+        "num_unparseable": sum(p is None for p in answers.predictions),
+        "samples": samples,
+    }
