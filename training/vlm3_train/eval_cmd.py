@@ -7,7 +7,7 @@ import json
 import sys
 
 HELP = ("evaluate a checkpoint (or the oracle) on VLM3 datasets or rosbag2 recordings: depth, correspondence, pose, "
-        "trajectory, dense depth")
+        "trajectory, dense depth, objects (SpatialRGPT-style)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", help="LoRA adapter directory applied to --checkpoint")
     parser.add_argument("--device", default="auto", help="default auto (CUDA if available); cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="auto", help="default auto (bfloat16 on CUDA, float32 on CPU); float32, bfloat16")
-    parser.add_argument("--tasks", help="comma-separated tasks to evaluate (default: all present)")
+    parser.add_argument("--tasks", help="comma-separated tasks to evaluate (default: all present; bags: depth, "
+                        "correspondence, pose; object reads the /detections topic)")
     parser.add_argument("--split", default="auto", choices=("auto", "train", "val", "all"),
                         help="dataset rows to use (default auto: val where present, else all; bags: all)")
     parser.add_argument("--max-samples", type=int, help="at most this many samples per task and dataset")

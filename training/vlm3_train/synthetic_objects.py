@@ -16,7 +16,6 @@ frames with their detections for :func:`vlm3_train.convert.convert_frames` (the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence as SequenceABC
 from typing import Any, List, Optional, Tuple
 
 import numpy as np
@@ -24,7 +23,7 @@ import numpy as np
 from vlm3_ros.detections import DETECTION_ARRAY_TYPE, Detection, detection_array_msg
 
 from .convert.options import DETECTIONS_TOPIC
-from .synthetic import Rect, Scene, SyntheticSequence, _pixel_grid, camera_rays, cast_rays
+from .synthetic import Rect, RgbdFrames, Scene, SyntheticSequence, _pixel_grid, camera_rays, cast_rays
 
 __all__ = ["DETECTIONS_TOPIC", "MIN_PIXELS", "ObjectFrames", "frame_detections", "object_in_camera",
            "scene_objects", "write_detections"]
@@ -64,25 +63,20 @@ def object_in_camera(obj: Any, T_w_c: Any) -> Optional[Tuple[np.ndarray, np.ndar
     return local.min(axis=0), local.max(axis=0)
 
 
-class ObjectFrames(SequenceABC):
-    """A sequence's frames as ``(stamp_ns, rgb, intrinsics, depth, T_w_c, detections)``, rendered on
+class ObjectFrames(RgbdFrames):
+    """A sequence's frames as ``(stamp_ns, rgb, intrinsics, depth, T_w_c, detections)`` (the
+    :class:`vlm3_train.synthetic.RgbdFrames` record and the frame's detections), rendered on
     access: the input of :func:`vlm3_train.convert.convert_frames` for the object task."""
 
     def __init__(self, sequence: SyntheticSequence, min_pixels: int = MIN_PIXELS) -> None:
-        self.sequence, self.min_pixels = sequence, int(min_pixels)
-
-    def __len__(self) -> int:
-        return len(self.sequence)
+        super().__init__(sequence)
+        self.min_pixels = int(min_pixels)
 
     def __getitem__(self, i: Any) -> Any:
         if isinstance(i, slice):
             return [self[k] for k in range(*i.indices(len(self)))]
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"frame {i} out of range for a sequence of {len(self)} frames")
-        i = i % len(self)
-        f = self.sequence.frame(i)
-        return (f.stamp_ns, f.rgb, self.sequence.intrinsics, f.depth, f.T_w_c,
-                frame_detections(self.sequence, i, min_pixels=self.min_pixels))
+        frame = super().__getitem__(i)
+        return (*frame, frame_detections(self.sequence, i % len(self), min_pixels=self.min_pixels))
 
 
 def write_detections(writer: Any, sequence: SyntheticSequence, i: int, topic: str = DETECTIONS_TOPIC) -> int:
