@@ -6,12 +6,17 @@ VENV := .venv
 VENV_PY := $(VENV)/bin/python
 PYTEST_FLAGS ?= -q -ra
 
-.PHONY: all env check-env test demo clean
+.PHONY: all env vllm-env check-env test demo clean
 
 all: test
 
 env:
 	$(PYTHON) scripts/setup_env.py
+
+# The vLLM server environment (.venv-vllm/, about 6 GB) for the server backend's tests and
+# `vlm3-ros serve`; `make test` runs those tests when it exists (CI creates it).
+vllm-env:
+	$(PYTHON) scripts/setup_env.py --with-vllm
 
 check-env:
 	$(PYTHON) scripts/setup_env.py --check
@@ -26,5 +31,5 @@ demo: env
 	$(VENV)/bin/vlm3-ros demo
 
 clean:
-	rm -rf $(VENV) .ros2 .pytest_cache .hypothesis build dist *.egg-info training/*.egg-info
+	rm -rf $(VENV) .venv-vllm .ros2 .pytest_cache .hypothesis build dist *.egg-info training/*.egg-info
 	find . -path ./.git -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +

@@ -30,6 +30,7 @@ setup(
         "pillow>=10",
         "rosbags>=0.10",
         "tqdm>=4.60",
+        "httpx>=0.27",  # the server backend's HTTP client
     ],
     extras_require={
         # The in-process model backend. torch is deliberately not pinned here: the environment

@@ -3,9 +3,9 @@
     ros2 launch vlm3_ros perception.launch.py model:=/path/to/checkpoint image:=/camera/image_raw
 
 Arguments: params_file (default: the package's config/perception.yaml), model, backend,
-image, camera_info, reference_depth, reference_pose (topics remapped onto the nodes' inputs;
-relative names resolve in the namespace), namespace, use_sim_time, managed, autostart, rviz,
-detections.
+server_url (the backend server's base URL), image, camera_info, reference_depth, reference_pose
+(topics remapped onto the nodes' inputs; relative names resolve in the namespace), namespace,
+use_sim_time, managed, autostart, rviz, detections.
 
 * ``managed:=true`` starts the nodes as lifecycle nodes waiting, unconfigured, for a manager;
   with ``autostart:=true`` (the default) this launch file configures and activates them through
@@ -58,7 +58,8 @@ TOPICS = {
 #: other launch arguments: name -> (default, description)
 ARGUMENTS = {
     "model": ("", "Checkpoint directory or hub id (overrides the model parameter when set)"),
-    "backend": ("", "transformers or oracle (overrides the backend parameter when set)"),
+    "backend": ("", "transformers, server or oracle (overrides the backend parameter when set)"),
+    "server_url": ("", "Base URL of the OpenAI-compatible server for backend server (overrides server.url when set)"),
     "namespace": ("", "Namespace of both nodes"),
     "use_sim_time": ("false", "Use /clock (bag playback)"),
     "managed": ("false", "Run the nodes as managed lifecycle nodes (they wait unconfigured for a manager)"),
@@ -126,10 +127,10 @@ def _nodes(context, *args, **kwargs):
     params_file = LaunchConfiguration("params_file").perform(context)
     managed = _flag(context, "managed")
     overrides = {"use_sim_time": _flag(context, "use_sim_time"), "managed": managed}
-    for name in ("model", "backend"):
+    for name, parameter in (("model", "model"), ("backend", "backend"), ("server_url", "server.url")):
         value = LaunchConfiguration(name).perform(context)
         if value:
-            overrides[name] = value
+            overrides[parameter] = value
     remappings = [(topic, LaunchConfiguration(topic).perform(context)) for topic in TOPICS]
     namespace = LaunchConfiguration("namespace").perform(context)
     detections = LaunchConfiguration("detections").perform(context)

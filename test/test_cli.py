@@ -121,3 +121,124 @@ def test_bench_dense_on_real_frames(sevenscenes, tmp_path, capsys):
     assert "| 128 | adaptive 83+45 |" in capsys.readouterr().out
     assert main(["bench-dense", str(tmp_path / "missing")]) == 2
     assert main(["bench-dense", str(sevenscenes.root), "--share", "1.0"]) == 2
+@pytest.fixture
+def small_frame(tmp_path):
+    import cv2
+
+    image = tmp_path / "frame.png"
+    cv2.imwrite(str(image), np.full((120, 160, 3), 90, np.uint8))
+    depth = np.full((120, 160), 2.0, np.float32)
+    depth[:, :40] = np.nan  # no reference there
+    np.save(tmp_path / "depth.npy", depth)
+    return image, tmp_path / "depth.npy"
+
+
+@pytest.mark.parametrize("bad,message", [
+    (["--focal", "0"], "--focal (pixels) must be a positive finite number, got 0"),
+    (["--focal", "-5"], "--focal (pixels) must be a positive finite number, got -5"),
+    (["--focal", "nan"], "--focal (pixels) must be a positive finite number, got nan"),
+    (["--focal", "inf"], "--focal (pixels) must be a positive finite number, got inf"),
+    (["--intrinsics", "0", "0", "0", "0"], "--intrinsics FX must be a positive finite number, got 0"),
+    (["--focal", "150", "--grid", "-4"], "--grid must be at least 1 pixel, got -4"),
+    (["--focal", "150", "--grid", "0"], "--grid must be at least 1 pixel, got 0"),
+    (["--focal", "150", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+    (["--camera-info", "missing.yaml"], "cannot read --camera-info missing.yaml: No such file or directory"),
+    (["--camera-info", "{bad_yaml}"], "is not a usable calibration"),
+    (["--camera-info", "{other_size}"], "is for 640x480 images, the image is 160x120"),
+    (["--focal", "150", "--json", "{unwritable}"], "cannot write --json"),
+    (["--focal", "150", "--json", "{directory}"], "is a directory"),
+])
+def test_query_reports_bad_arguments_in_one_line(small_frame, tmp_path, capsys, monkeypatch, bad, message):
+    image, depth = small_frame
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.yaml").write_text("camera_matrix: [1, 2\n")
+    (tmp_path / "other.yaml").write_text("image_width: 640\nimage_height: 480\ncamera_matrix:\n  data: [500, 0, 320, 0, "
+                                         "500, 240, 0, 0, 1]\n")
+    (tmp_path / "a_file").write_text("")
+    names = {"{bad_yaml}": "bad.yaml", "{other_size}": "other.yaml", "{unwritable}": "a_file/out.json",
+             "{directory}": str(tmp_path)}
+    args = [names.get(a, a) for a in bad]
+    assert main(["query", str(image), "--oracle", "--depth", str(depth), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vlm3-ros query: error: ") and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_query_reports_a_bad_protocol_file(tiny_checkpoint, small_frame, tmp_path, capsys):
+    import shutil
+
+    image, _ = small_frame
+    model = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, model)
+    (model / "vlm3_protocol.json").write_text('{"format": "vlm3-protocol", "version": 1, "tasks": {"depth": {}}}')
+    assert main(["query", str(image), "--model", str(model), "--device", "cpu", "--focal", "150"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vlm3-ros query: error: ") and "vlm3_protocol.json is not a usable protocol file" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_query_table_shows_the_pixel_asked_the_pixel_used_and_why_a_point_failed(small_frame, capsys):
+    image, depth = small_frame
+    assert main(["query", str(image), "--oracle", "--depth", str(depth), "--focal", "150",
+                 "--pixel", "100", "60", "--pixel", "10", "60", "--pixel", "500", "60"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[0].split()
+    assert header[:3] == ["asked", "used", "answer"] and header[-1] == "reason"
+    ok, hole, outside = lines[1:4]
+    assert ok.startswith("(100.000, 60.000)") and "2.0" in ok
+    assert hole.startswith("(10.000, 60.000)") and hole.rstrip().endswith("no reference value at this pixel")
+    assert outside.startswith("(500.000, 60.000)  -") and outside.rstrip().endswith("outside the prepared image")
+    assert "valid=1" in lines[-1] and "no_reference=1" in lines[-1] and "parse_failures=0" in lines[-1]
+
+
+def _options(parser, path=()):
+    """(command path, action) of every option of ``parser`` and its subcommands."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _options(sub, path + (name,))
+        elif action.option_strings and not isinstance(action, argparse._HelpAction):
+            yield path, action, parser
+
+
+def test_every_option_has_help_and_shows_its_default_and_no_markup(capsys):
+    from vlm3_ros.cli.main import COMMANDS, DESCRIPTION, build_parser
+
+    parser = build_parser("vlm3-ros", DESCRIPTION, "vlm3_ros.cli", COMMANDS)
+    missing, no_default = [], []
+    for path, action, sub in _options(parser):
+        name = " ".join(path) + " " + action.option_strings[-1]
+        if not action.help:
+            missing.append(name)
+            continue
+        text = sub.formatter_class(sub.prog)._get_help_string(action) % {"default": action.default}
+        if action.default not in (None, False, [], ()) and "default" not in text.lower():
+            no_default.append(name)
+    assert not missing, f"options without help: {missing}"
+    assert not no_default, f"options whose help hides the default: {no_default}"
+    for command in (["play"], ["bag", "from-rgbd"], ["bag", "info"], ["bench-node"], ["query"], ["demo"]):
+        with pytest.raises(SystemExit):
+            main([*command, "--help"])
+        out = capsys.readouterr().out
+        assert "``" not in out and ":class:" not in out and ":func:" not in out, command
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--frames FRAMES frames of the synthetic bag (default: 20)" in out
+    assert "--timeout TIMEOUT seconds allowed for the node run (default: 900.0)" in out
+
+
+def test_loading_a_model_prints_no_progress_bar_and_no_deprecation_warning(tiny_checkpoint, tmp_path):
+    import subprocess
+    import sys
+
+    import cv2
+
+    image = tmp_path / "im.png"
+    cv2.imwrite(str(image), np.full((64, 96, 3), 90, np.uint8))
+    result = subprocess.run([sys.executable, "-m", "vlm3_ros.cli.main", "query", str(image), "--model",
+                             str(tiny_checkpoint), "--device", "cpu", "--focal", "1000", "--grid", "1",
+                             "--max-new-tokens", "2"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Loading weights" not in result.stderr and "deprecated" not in result.stderr, result.stderr

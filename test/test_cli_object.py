@@ -31,7 +31,7 @@ def test_query_objects_with_the_oracle_matches_the_sensor(sevenscenes, tmp_path,
     for row, box in zip(report["rows"], boxes):
         size = [row["width_m"], row["height_m"], row["depth_m"]]
         assert_matches_ground_truth(np.array(row["centre"]), np.array(size), expected_object(depth, K, box))
-        assert set(row["answers"]) == {"width_data", "height_data"} and row["error"] is None
+        assert set(row["answers"]) == {"width_data", "height_data"} and row["reason"] is None
     pairs = list(combinations(range(3), 2))
     assert [(r["a"], r["b"], r["question"]) for r in report["relations"]] == [
         (a, b, q) for a, b in pairs for q in ("direct_distance", "left_predicate", "front_choice")]

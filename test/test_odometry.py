@@ -11,6 +11,7 @@ from vlm3_ros import geometry as g
 from vlm3_ros.camera import Intrinsics
 from vlm3_ros.engine import OracleBackend
 from vlm3_ros.odometry import (
+    LateFrame,
     NoiseModel,
     OdometryConfig,
     OdometryError,
@@ -108,6 +109,20 @@ def test_pnp_covariance_matches_the_spread_of_noisy_solutions():
     np.testing.assert_allclose(est.T, T12, atol=1e-6)
     with pytest.raises(OdometryError, match="PnP failed"):
         estimate_from_correspondences(uv1[:3], z1[:3], uv2[:3], K, K)
+
+
+def test_pnp_refuses_implausible_solutions():
+    rng = np.random.default_rng(4)
+    K = np.array([[500.0, 0, 320], [0, 500.0, 240], [0, 0, 1]])
+    uv1 = np.column_stack([rng.uniform(40, 600, 40), rng.uniform(40, 440, 40)])
+    T12 = g.make_pose(np.eye(3), [0.15, -0.02, 0.05])
+    # Absurd depths (a broken reference): the same pixels at 1e6 m give a motion of kilometres.
+    z1 = rng.uniform(1.5, 4.0, 40)
+    uv2, _ = g.project(g.transform_points(g.invert_pose(T12), g.backproject(uv1, z1, K)), K)
+    with pytest.raises(OdometryError, match="beyond max_depth 100 m"):
+        estimate_from_correspondences(uv1, z1 * 1e6, uv2, K, K, max_translation=100.0)
+    est, _ = estimate_from_correspondences(uv1, z1, uv2, K, K, max_translation=100.0)
+    np.testing.assert_allclose(est.T, T12, atol=1e-6)
 
 
 def test_fusion_is_the_information_weighted_mean_and_gates_outliers():
@@ -272,7 +287,8 @@ def test_oracle_odometry_follows_the_ground_truth_trajectory(sevenscenes, mode, 
 def test_unmeasurable_frames_hold_the_pose(tiny_backend):
     """Random tiny-model answers do not parse: the pose is held and the covariance grows."""
     K = Intrinsics.from_focal(96, 72, 750.0)
-    config = OdometryConfig(mode="pose", keyframe_interval=2, noise=NoiseModel(lost_variance=0.04))
+    config = OdometryConfig(mode="pose", keyframe_interval=2, noise=NoiseModel(lost_variance=0.04),
+                            max_lost_frames=2)
     vo = VisualOdometry(config, pose_estimator=PoseEstimator(tiny_backend, max_new_tokens=4))
     images = [RNG.integers(0, 255, (72, 96, 3), dtype=np.uint8) for _ in range(4)]
     updates = [vo.process(OdometryFrame(1.0 + 0.1 * n, im, K)) for n, im in enumerate(images)]
@@ -281,9 +297,84 @@ def test_unmeasurable_frames_hold_the_pose(tiny_backend):
     assert all(u.parse_failures == 1 for u in updates[1:])
     for n, u in enumerate(updates):
         np.testing.assert_allclose(u.T_odom_base, np.eye(4), atol=1e-12)
-        # Each lost frame adds 0.04 to every variance (expressed in base_link, a rotation of it).
-        assert np.trace(u.covariance) == pytest.approx(6 * 0.04 * n)
-    # After keyframe_interval lost frames the current frame becomes the keyframe.
+        # The first pose has the prior; each lost frame adds 0.04 to every variance (expressed in
+        # base_link, a rotation of it).
+        assert np.trace(u.covariance) == pytest.approx(6 * (1e-6 + 0.04 * n))
+    # The keyframe stays while frames are lost, max_lost_frames (2) in a row make the current one the keyframe.
     assert [u.keyframe for u in updates] == [True, False, True, False]
-    with pytest.raises(OdometryError, match="not after the keyframe"):
+    with pytest.raises(LateFrame, match="not after the keyframe"):
         vo.process(OdometryFrame(0.5, images[0], K))
+
+
+class _GarbageOnce(OracleBackend):
+    """The oracle, answering nonsense for the frames listed in ``garbage`` (by call number)."""
+
+    def __init__(self, garbage):
+        super().__init__()
+        self.garbage, self.calls = set(garbage), 0
+
+    def answer(self, request):
+        self.calls += 1
+        response = super().answer(request)
+        if self.calls in self.garbage:
+            response.answers = ["<answer> far-ish </answer>"] * len(response.answers)
+        return response
+
+
+def _moving_frames(poses, size=(160, 120), f=150.0):
+    K = Intrinsics.from_focal(size[0], size[1], f)
+    rgb = np.zeros((size[1], size[0], 3), np.uint8)
+    depth = np.full((size[1], size[0]), 2.0)
+    return [OdometryFrame(1.0 + 0.1 * n, rgb, K, depth, T_wc) for n, T_wc in enumerate(poses)]
+
+
+def test_a_lost_frame_keeps_the_keyframe_and_no_motion_is_lost():
+    # The camera moves 5 cm along x per frame; the third frame's answers do not parse.
+    poses = [g.make_pose(np.eye(3), [0.05 * n, 0.0, 0.0]) for n in range(5)]
+    vo = VisualOdometry(OdometryConfig(mode="pose"), pose_estimator=PoseEstimator(_GarbageOnce({2})))
+    updates = [vo.process(frame) for frame in _moving_frames(poses)]
+    assert [u.status for u in updates] == ["initialised", "tracking", "lost", "tracking", "tracking"]
+    assert [u.keyframe for u in updates] == [True, True, False, True, True]
+    x = [vo.chain.T_base_camera[:3, :3].T @ u.T_odom_base[:3, 3] for u in updates]  # optical-frame position
+    # Held at frame 2, then measured from frame 1 again: no motion lost (today's chain restarts there).
+    np.testing.assert_allclose([p[0] for p in x], [0.0, 0.05, 0.05, 0.15, 0.2], atol=0.006)
+    # First pose: the configured prior, not zero (filters need a positive definite covariance).
+    np.testing.assert_allclose(updates[0].covariance, 1e-6 * np.eye(6), atol=1e-18)
+
+
+def test_twist_is_the_body_velocity_in_the_child_frame():
+    """A ground robot on an arc: 1 m/s forward, turning at 2 rad/s. REP-105 wants the twist in base_link
+    (the child frame): forward speed on x, no sideways speed, the turn rate on z."""
+    T_bc = xyz_rotation_to_pose([0.0, 0.0, 0.0], [-np.pi / 2, 0.0, -np.pi / 2])
+    v, w, dt = 1.0, 2.0, 0.1
+
+    def base(t):
+        return g.make_pose(Rotation.from_rotvec([0, 0, w * t]).as_matrix(),
+                           [v / w * np.sin(w * t), v / w * (1 - np.cos(w * t)), 0.0])
+
+    poses = [base(n * dt) @ T_bc for n in range(3)]
+    vo = VisualOdometry(OdometryConfig(mode="pose", T_base_camera=T_bc), pose_estimator=PoseEstimator(OracleBackend()))
+    updates = [vo.process(frame) for frame in _moving_frames(poses)]
+    twist = updates[-1].twist
+    np.testing.assert_allclose(twist[:3], [v, 0.0, 0.0], atol=0.03)
+    np.testing.assert_allclose(twist[3:], [0.0, 0.0, w], atol=0.05)
+    C = updates[-1].twist_covariance
+    assert np.allclose(C, C.T) and np.all(np.linalg.eigvalsh(C) > 0)
+
+
+def test_absurd_reference_depths_are_not_used():
+    """A reference depth of 1e30 m: the oracle has nothing within max_depth; the pose is held, not sent
+    to 1e26 m."""
+    poses = [g.make_pose(np.eye(3), [0.05 * n, 0.0, 0.0]) for n in range(3)]
+    oracle = OracleBackend()
+    vo = VisualOdometry(OdometryConfig(mode="correspondence", query_count=32, max_depth=100.0),
+                        matcher=CorrespondenceMatcher(oracle), depth_estimator=DepthEstimator(oracle))
+    frames = _moving_frames(poses)
+    rng = np.random.default_rng(0)
+    for frame in frames:
+        frame.image = rng.integers(0, 255, frame.image.shape, dtype=np.uint8)
+        frame.reference_depth = np.full(frame.image.shape[:2], 1e30)
+    updates = [vo.process(frame) for frame in frames]
+    assert [u.status for u in updates] == ["initialised", "lost", "lost"]
+    assert "within max_depth" in updates[1].errors[0]
+    assert np.abs(updates[-1].T_odom_base[:3, 3]).max() == 0.0

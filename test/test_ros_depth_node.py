@@ -32,6 +32,7 @@ from vlm3_ros import msg_codec  # noqa: E402
 from vlm3_ros.camera import Intrinsics  # noqa: E402
 from vlm3_ros.pipeline import query_grid  # noqa: E402
 from vlm3_ros.ros import backends  # noqa: E402
+from vlm3_ros.ros.conversions import image_msg  # noqa: E402
 from vlm3_ros.ros.depth_node import DepthNode  # noqa: E402
 
 
@@ -134,6 +135,12 @@ def test_tiny_model_publishes_headers_and_counts_unparseable_answers(ros, percep
     assert ros.spin_until(lambda: (diagnostic_values(out["diagnostics"], node.get_fully_qualified_name()) or {})
                           .get("parse_failures") == str(stats["parse_failures"]), 5)
     assert "transformers:" in diagnostic_values(out["diagnostics"], node.get_fully_qualified_name())["backend"]
+    # An image shape the model cannot take (256:1) is an image fault found before the model, not a backend error.
+    wide = Intrinsics.from_focal(4096, 16, 1000.0)
+    cam.publish(FramePublisher.messages(8.0, textured(4096, 16), wide))
+    assert ros.spin_until(lambda: node.stats.snapshot()["rejected"].get("image_size") == 1, 60)
+    stats = node.stats.snapshot()
+    assert "aspect ratio of 256:1" in stats["last_problem"] and "backend_error" not in stats["rejected"]
 
 
 def test_compressed_input(ros, perception_nodes):
@@ -153,6 +160,64 @@ def test_compressed_input(ros, perception_nodes):
     assert ros.spin_until(lambda: len(out["points"]), 15)
     table = msg_codec.read_cloud(out["points"].messages[0])
     assert len(table) == len(query_grid(160, 120, 12)) and np.allclose(table["z"], 1.5, atol=0.006)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header says ``width`` x ``height`` but whose pixel data is damaged (undecodable)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"not deflate data") + chunk(b"IEND", b"")
+
+
+def test_compressed_image_size_is_checked_from_the_header_before_decoding(ros, perception_nodes):
+    from sensor_msgs.msg import CompressedImage
+
+    node, client, cam, out = _setup(ros, perception_nodes, query_count=12, compressed_input=True,
+                                    max_image_side=4096)
+    pub = client.create_publisher(CompressedImage, "image/compressed", cam.image.qos_profile)
+    assert ros.spin_until(lambda: pub.get_subscription_count() > 0, 10)
+    intr = Intrinsics.from_focal(5000, 5000, 4000.0)
+    msgs = FramePublisher.messages(4.0, np.zeros((1, 1, 3), np.uint8), Intrinsics.from_focal(1, 1, 1.0))
+    msgs["camera_info"].width = msgs["camera_info"].height = 5000
+    msgs["camera_info"].k = list(intr.K.reshape(-1))
+    cam.depth.publish(FramePublisher.messages(4.0, textured(16, 16), Intrinsics.from_focal(16, 16, 10.0),
+                                              depth=np.full((16, 16), 1.0))["reference_depth"])
+    cam.info.publish(msgs["camera_info"])
+    # A 5000 x 5000 PNG (its pixels would take 75 MB decoded): refused from its header, never decoded.
+    pub.publish(CompressedImage(header=msgs["image"].header, format="png", data=_png_header(5000, 5000)))
+    assert ros.spin_until(lambda: node.stats.snapshot()["rejected"], 15)
+    stats = node.stats.snapshot()
+    assert stats["rejected"] == {"image_size": 1}, stats
+    assert "5000x5000 exceeds max_image_side 4096" in stats["last_problem"]
+
+
+def test_oracle_holes_and_absurd_reference_depths_are_not_model_failures(ros, perception_nodes):
+    """Pixels without a reference value (holes, values beyond max_depth) are counted as no_reference;
+    diagnostics stay OK (they are not parse failures), the cloud holds the other pixels."""
+    node, client, cam, out = _setup(ros, perception_nodes, query_count=16, max_depth=50.0, diagnostics_period=0.1)
+    intr = Intrinsics.from_focal(160, 120, 150.0)
+    depth = np.full((120, 160), 2.0, np.float32)
+    depth[:, :50] = np.nan  # a hole
+    depth[:, 110:] = 1e30  # an absurd reference value
+    msgs = FramePublisher.messages(6.0, textured(160, 120), intr)
+    msgs["reference_depth"] = image_msg(depth, "32FC1", msgs["image"].header)
+    cam.publish(msgs)
+    assert ros.spin_until(lambda: len(out["points"]), 15)
+    uv = query_grid(160, 120, 16)
+    inside = (uv[:, 0] >= 50) & (uv[:, 0] < 110)
+    table = msg_codec.read_cloud(out["points"].messages[0])
+    assert len(table) == inside.sum() and np.allclose(table["z"], 2.0, atol=0.006)
+    stats = node.stats.snapshot()
+    assert stats["parse_failures"] == 0 and stats["no_reference"] == (~inside).sum() and not stats["rejected"]
+    name = node.get_fully_qualified_name()
+    assert ros.spin_until(lambda: (diagnostic_values(out["diagnostics"], name) or {}).get("no_reference")
+                          == str((~inside).sum()), 5)
+    assert diagnostic_values(out["diagnostics"], name)["_level"] == 0
 
 
 def test_bad_input_is_counted_and_the_next_good_frame_served(ros, perception_nodes):
@@ -272,6 +337,13 @@ def test_parameter_rejection_keeps_the_old_value(ros, perception_nodes):
     assert not result.successful
     assert _get(ros, get_srv, "query_count").integer_value == 16
     assert _get(ros, get_srv, "query_method").string_value == "grid"
+    # Every refusal is counted, those rclpy makes from the descriptor (range, read-only, type) included.
+    assert node.params.rejected == 4
+    # min_image_side above max_image_side would refuse every image.
+    assert _set(ros, client, set_srv, "max_image_side", ParameterValue(type=integer, integer_value=1000)).successful
+    result = _set(ros, client, set_srv, "min_image_side", ParameterValue(type=integer, integer_value=2000))
+    assert not result.successful and "larger than max_image_side 1000" in result.reason
+    assert node.params.rejected == 5 and node.params["min_image_side"] == 16
     # A good value is accepted and used from the next frame on.
     result = _set(ros, client, set_srv, "query_count", ParameterValue(type=integer, integer_value=9))
     assert result.successful and _get(ros, get_srv, "query_count").integer_value == 9

@@ -9,6 +9,7 @@ import pytest
 
 pytest.importorskip("rclpy", reason="rclpy is not importable in this interpreter")
 
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from nav_msgs.msg import Odometry  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
@@ -19,13 +20,19 @@ from ros_perception_helpers import (  # noqa: E402,F401  (perception_nodes is a 
     Collector,
     FaultyBackend,
     FramePublisher,
+    diagnostic_values,
     perception_nodes,
     textured,
 )
 from vlm3_ros import geometry as g  # noqa: E402
 from vlm3_ros.camera import Intrinsics  # noqa: E402
+from vlm3_ros.engine import OracleBackend  # noqa: E402
+from vlm3_ros.protocol import TASKS  # noqa: E402
+from vlm3_ros.ros.conversions import FrameRejected  # noqa: E402
 from vlm3_ros.odometry import xyz_rotation_to_pose  # noqa: E402
 from vlm3_ros.ros import conversions as cv  # noqa: E402
+from rclpy.lifecycle import TransitionCallbackReturn  # noqa: E402
+from vlm3_ros.ros.node_base import NodeStartError  # noqa: E402
 from vlm3_ros.ros.odometry_node import OdometryNode  # noqa: E402
 from vlm3_ros.ros.params import OPTICAL_RPY  # noqa: E402
 from vlm3_ros.ros.qos import latched_qos  # noqa: E402
@@ -64,7 +71,7 @@ def _frames(sevenscenes, count):
 def test_oracle_tf_and_odometry_follow_the_7scenes_trajectory(ros, perception_nodes, sevenscenes):
     xyz = [0.2, 0.0, 0.5]
     node, client, cam, out = _start(ros, perception_nodes, mode="correspondence", query_count=48,
-                                    extrinsic_xyz=xyz, publish_extrinsic=True)
+                                    extrinsic_xyz=xyz, publish_extrinsic=True, **{"noise.initial_variance": 4e-6})
     T_bc = xyz_rotation_to_pose(xyz, OPTICAL_RPY)
     T0, stamps, truth = None, [], []
     for n, (t, msgs, T_wc) in enumerate(_frames(sevenscenes, 6)):
@@ -81,13 +88,17 @@ def test_oracle_tf_and_odometry_follow_the_7scenes_trajectory(ros, perception_no
         assert g.rotation_angle(T[:3, :3].T @ gt[:3, :3]) < 0.3
         C = np.array(msg.pose.covariance).reshape(6, 6)
         assert np.allclose(C, C.T) and np.all(np.linalg.eigvalsh(C) >= -1e-12)
+    # The first pose has the configured prior (not zero), then uncertainty accumulates.
+    np.testing.assert_allclose(np.array(out["odom"].messages[0].pose.covariance).reshape(6, 6), 4e-6 * np.eye(6),
+                               atol=1e-15)
     covs = [np.trace(np.array(m.pose.covariance).reshape(6, 6)) for m in out["odom"].messages]
-    assert covs[0] == 0.0 and all(b > a for a, b in zip(covs[1:], covs[2:]))  # uncertainty accumulates
-    # The twist is the base_link velocity: compare with the ground truth motion over the last frame.
+    assert all(b > a for a, b in zip(covs, covs[1:]))
+    # The twist is the base_link velocity in base_link (the child frame): compare with the ground truth
+    # motion over the last frame, expressed in the current base_link.
     last = out["odom"].messages[-1]
     motion = g.invert_pose(truth[-2]) @ truth[-1]
     v = np.array([last.twist.twist.linear.x, last.twist.twist.linear.y, last.twist.twist.linear.z])
-    assert np.linalg.norm(v - motion[:3, 3] / 0.1) < 0.05
+    assert np.linalg.norm(v - motion[:3, :3].T @ motion[:3, 3] / 0.1) < 0.05
     if TF_AVAILABLE:
         assert ros.spin_until(lambda: len(out["tf"]) >= 6, 5)
         transforms = [t for m in out["tf"].messages for t in m.transforms]
@@ -146,7 +157,7 @@ def test_parameters_are_validated_and_mode_change_restarts(ros, perception_nodes
     assert "below min_inliers" in rejected("query_count", 6)
     assert "read-only" in rejected("backend", "transformers")
     assert node.params["mode"] == "correspondence" and node.params["odom_frame"] == "odom"
-    assert node.params.rejected == 5  # read-only is enforced by rclpy before the validation callback
+    assert node.params.rejected == 6  # read-only is refused by rclpy itself, and counted too
     frames = list(_frames(sevenscenes, 3))
     for n, (_, msgs, _) in enumerate(frames[:2]):
         cam.publish(msgs)
@@ -188,11 +199,24 @@ def test_lost_frames_hold_the_pose_and_time_jumps_restart(ros, perception_nodes)
     ros.spin_until(lambda: False, 0.2)
     assert len(out["odom"]) == 3  # nothing published for it
     faulty.fault = None
-    send(1.4, poses[4], 4)
-    # The bag starts again: stamps jump back, the trajectory restarts at the origin.
-    restarted = send(0.2, poses[2], 5)
-    np.testing.assert_allclose(cv.pose_matrix(restarted.pose.pose), np.eye(4), atol=1e-12)
-    assert node.time_jumps == 1 and node.last_update.status == "initialised"
+    # Measured against the keyframe again: the motion of the lost frames is not lost.
+    back = send(1.4, poses[4], 4)
+    assert np.linalg.norm(cv.pose_matrix(back.pose.pose)[:3, 3]) == pytest.approx(0.2, abs=0.006)
+    # The bag starts again: every stream's stamps go back, the trajectory restarts at the origin with the
+    # new timeline's first frame (a stream is only taken as restarted from its second message back).
+    cam.publish(FramePublisher.messages(0.2, rgb, intr, depth=depth, pose=poses[2]))
+    cam.publish(FramePublisher.messages(0.3, rgb, intr, depth=depth, pose=poses[3]))
+    assert ros.spin_until(lambda: out["odom"].with_stamp(0.3), 15)
+    assert node.time_jumps == 1 and sum(node.sync.counters.late.values()) == 0
+    assert node.sync.counters.paired == 7  # frame 0.2 paired too (newest wins may skip it in the worker)
+    first = (out["odom"].with_stamp(0.2) or out["odom"].with_stamp(0.3))[0]
+    np.testing.assert_allclose(cv.pose_matrix(first.pose.pose), np.eye(4), atol=1e-12)
+    cam.publish(FramePublisher.messages(0.4, rgb, intr, depth=depth, pose=poses[4]))
+    assert ros.spin_until(lambda: out["odom"].with_stamp(0.4), 15)
+    start = 2 if out["odom"].with_stamp(0.2) else 3
+    moved = cv.pose_matrix(out["odom"].messages[-1].pose.pose)[:3, 3]
+    assert np.linalg.norm(moved) == pytest.approx(0.05 * (4 - start), abs=0.006)
+
 
 
 def test_reset_service_restarts_the_trajectory_at_identity(ros, perception_nodes):
@@ -218,3 +242,75 @@ def test_reset_service_restarts_the_trajectory_at_identity(ros, perception_nodes
     np.testing.assert_allclose(send(1.2, 0.10), [0.0, 0.0, 0.0], atol=1e-12)  # restarted here
     np.testing.assert_allclose(send(1.3, 0.13), [0.0, -0.03, 0.0], atol=0.006)  # measured from the restart
     assert node.last_update.status != "lost"
+
+
+def _along_x(step, count):
+    """Intrinsics, image, depth and ``count`` poses moving ``step`` metres along the optical x axis."""
+    poses = [xyz_rotation_to_pose([step * n, 0.0, 0.0], [0.0, 0.0, 0.0]) for n in range(count)]
+    return Intrinsics.from_focal(160, 120, 150.0), textured(160, 120), np.full((120, 160), 2.0), poses
+
+
+def _served(ros, cam, out, t, intr, rgb, depth, pose):
+    """Publish a frame and wait for its odometry."""
+    cam.publish(FramePublisher.messages(t, rgb, intr, depth=depth, pose=pose))
+    assert ros.spin_until(lambda: out["odom"].with_stamp(t), 15), f"no odometry for {t}"
+
+
+def test_a_late_message_is_dropped_and_the_trajectory_goes_on(ros, perception_nodes):
+    """One CameraInfo stamped 1.5 s in the past: counted late; the next frame is served and the pose
+    goes on (it used to be taken for a bag restart, losing that frame and resetting the pose)."""
+    node, client, cam, out = _start(ros, perception_nodes, mode="pose", diagnostics_period=0.1)
+    diagnostics = Collector(client, DiagnosticArray, "/diagnostics")
+    intr, rgb, depth, poses = _along_x(0.045, 4)
+    for n in range(3):
+        _served(ros, cam, out, 5.0 + 0.1 * n, intr, rgb, depth, poses[n])
+    late = FramePublisher.messages(5.2 - 1.5, rgb, intr)["camera_info"]
+    cam.info.publish(late)
+    _served(ros, cam, out, 5.3, intr, rgb, depth, poses[3])  # the frame after the late message is not lost
+    position = cv.pose_matrix(out["odom"].messages[-1].pose.pose)[:3, 3]
+    assert np.linalg.norm(position) == pytest.approx(0.135, abs=0.006)  # not restarted at the origin
+    assert node.time_jumps == 0 and node.sync.counters.late == {s: int(s == "camera_info") for s in node.streams}
+    name = node.get_fully_qualified_name()
+    assert ros.spin_until(lambda: (diagnostic_values(diagnostics, name) or {}).get("late.camera_info") == "1", 5)
+    assert diagnostic_values(diagnostics, name)["time_jumps"] == "0"
+
+
+def test_a_frame_older_than_the_keyframe_is_skipped_not_a_restart(ros, perception_nodes):
+    node, client, cam, out = _start(ros, perception_nodes, mode="pose")
+    intr, rgb, depth, poses = _along_x(0.05, 3)
+    for n in range(2):
+        _served(ros, cam, out, 2.0 + 0.1 * n, intr, rgb, depth, poses[n])
+    assert node.worker.wait_idle(10)
+    # A frame older than the keyframe reaching the odometry (the stream sync lets none through; the
+    # odometry still refuses one): skipped and counted as late, the trajectory is kept.
+    stale = FramePublisher.messages(1.95, rgb, intr, depth=depth, pose=poses[0])
+    with pytest.raises(FrameRejected, match="not after the keyframe"):
+        node.process(stale)
+    _served(ros, cam, out, 2.2, intr, rgb, depth, poses[2])
+    assert np.linalg.norm(cv.pose_matrix(out["odom"].messages[-1].pose.pose)[:3, 3]) == pytest.approx(0.1, abs=0.006)
+    assert node.last_update.status == "tracking"
+
+
+def test_a_model_without_the_tasks_of_its_mode_says_so_at_start(ros, perception_nodes, capfd):
+    """The default model serves depth only: the odometry node's configure fails with an ERROR naming
+    what the checkpoint serves; an unmanaged node raises it, a managed one stays unconfigured and
+    counts no frame as dropped (it is not busy, its inputs are closed)."""
+    depth_only = OracleBackend({"depth": TASKS["depth"]})
+    backends = {t: depth_only for t in ("pose", "correspondence", "depth")}
+    overrides = [Parameter("backend", value="oracle"), Parameter("mode", value="both")]
+    with pytest.raises(NodeStartError, match="not served: pose .*serves depth"):
+        OdometryNode(context=ros.context, parameter_overrides=overrides, backends=backends)
+    node = perception_nodes(OdometryNode(context=ros.context, backends=backends,
+                                         parameter_overrides=overrides + [Parameter("managed", value=True)]))
+    assert node.trigger_configure() != TransitionCallbackReturn.SUCCESS
+    assert node.lifecycle_state == "unconfigured" and "not served: pose" in node.start_error
+    client = ros.node("camera")
+    cam = FramePublisher(client)
+    intr = Intrinsics.from_focal(160, 120, 150.0)
+    for n in range(3):
+        cam.publish(FramePublisher.messages(3.0 + 0.1 * n, textured(160, 120), intr, depth=np.full((120, 160), 2.0),
+                                            pose=np.eye(4)))
+    ros.spin_until(lambda: False, 0.5)
+    assert node.worker.dropped == 0 and node.sync.counters.paired == 0
+    err = capfd.readouterr().err
+    assert "[ERROR]" in err and "odometry_node" in err and "not served: pose" in err and "serves depth" in err

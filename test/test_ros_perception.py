@@ -5,6 +5,7 @@ and tiny-model modes), each in its own process over real DDS."""
 from __future__ import annotations
 
 import ast
+import heapq
 import os
 import signal
 import subprocess
@@ -23,7 +24,14 @@ from nav_msgs.msg import Odometry  # noqa: E402
 from sensor_msgs.msg import Image, PointCloud2  # noqa: E402
 
 from ros_helpers import ros_subprocess_env  # noqa: E402
-from ros_perception_helpers import Collector, FramePublisher, diagnostic_values, plane_depth, textured  # noqa: E402
+from ros_perception_helpers import (  # noqa: E402
+    Collector,
+    FramePublisher,
+    diagnostic_values,
+    plane_depth,
+    reliable,
+    textured,
+)
 from vlm3_ros import geometry as g  # noqa: E402
 from vlm3_ros import msg_codec  # noqa: E402
 from vlm3_ros.camera import Intrinsics  # noqa: E402
@@ -277,8 +285,9 @@ def sevenscenes_bag(tmp_path_factory):
 INPUTS = ["/camera/image_raw", "/camera/camera_info", "/camera/depth/image_raw", "/ground_truth/pose"]
 
 
-def _play_into_perception(ros, domain_id, bag, perception_args, wait_subscriptions, rate=1.0):
-    """Start perception, play the bag into it once its inputs and outputs are connected; return the outputs."""
+def _play_into_perception(ros, domain_id, bag, perception_args, wait_subscriptions, rate=1.0, ready=None):
+    """Start perception, play the bag into it once its inputs and outputs are connected (and ``ready()``
+    holds, if given); return the outputs."""
     client = ros.node("observer")
     out = _outputs(client)
     node = _cli(domain_id, "perception", "--params-file", str(PARAMS), "--use-sim-time", *perception_args)
@@ -286,7 +295,8 @@ def _play_into_perception(ros, domain_id, bag, perception_args, wait_subscriptio
     try:
         # The outputs' publishers must be discovered before the first frame, or its outputs are lost.
         topics = ["/points", "/depth/sparse", "/odom"] + (["/tf"] if TF_AVAILABLE else [])
-        connected = ros.spin_until(lambda: node.poll() is not None or all(client.count_publishers(t) for t in topics), 60)
+        connected = ros.spin_until(lambda: node.poll() is not None or (
+            all(client.count_publishers(t) for t in topics) and (ready is None or ready())), 60)
         assert connected and node.poll() is None, _stop(node)[1][-3000:]
         ros.spin_until(lambda: False, 0.5)
         player = _cli(domain_id, "play", str(bag), "--rate", str(rate), "--topics", *INPUTS,
@@ -358,6 +368,83 @@ def test_bag_played_into_perception_in_oracle_mode(ros, ros_domain_id, sevenscen
     assert diag_stamps and max(diag_stamps) < 1000
 
 
+class DelayingRelay:
+    """Republishes a topic, each message after its own delay (a slow, reordering link), in release order."""
+
+    def __init__(self, node, msg_type, source, target, delays):
+        self.delays, self.count = list(delays), 0
+        self.pending = []  # heap of (release time, arrival number, message)
+        self.released = []  # stamps (s) in the order they were published
+        self.sub = node.create_subscription(msg_type, source, self._arrived, reliable(50))
+        self.pub = node.create_publisher(msg_type, target, reliable(50))
+        node.create_timer(0.005, self._release)
+
+    def _arrived(self, msg):
+        heapq.heappush(self.pending, (time.monotonic() + self.delays[self.count % len(self.delays)], self.count, msg))
+        self.count += 1
+
+    def _release(self):
+        while self.pending and self.pending[0][0] <= time.monotonic():
+            msg = heapq.heappop(self.pending)[2]
+            self.pub.publish(msg)
+            self.released.append(msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9)
+
+    def overtaken(self):
+        """Messages released after a newer one (they arrive after that newer frame was served: late)."""
+        return sum(any(later > t for later in self.released[:i]) for i, t in enumerate(self.released))
+
+
+def test_a_stream_delayed_by_seconds_is_waited_for_not_a_restart(ros, ros_domain_id, sevenscenes_bag):
+    """camera_info delayed by 2 to 3 s (reordered on the way) between the bag and the nodes: the frames
+    wait for it, the trajectory is the ground truth as without delay, no restart, and the camera_infos
+    overtaken by newer ones are counted as late."""
+    from sensor_msgs.msg import CameraInfo
+
+    from vlm3_ros import bags
+
+    truth = {m.stamp_ns: bags.pose_from_msg(m.msg) for m in bags.read_messages(sevenscenes_bag, ["/ground_truth/pose"])}
+    relay = DelayingRelay(ros.node("relay"), CameraInfo, "/camera/camera_info", "/camera/camera_info_delayed",
+                          delays=[3.0, 2.0, 2.6, 2.2, 2.9, 2.1, 2.5, 2.3, 2.8, 2.0])
+    # The relay takes the bag's camera_info (1 subscription); the nodes take the rest (5).
+    out, node = _play_into_perception(ros, ros_domain_id, sevenscenes_bag,
+                                      ["--backend", "oracle", "--camera-info", "/camera/camera_info_delayed",
+                                       "--ros-args", "-p", "query_count:=32", "-p", "mode:=correspondence"],
+                                      wait_subscriptions=6, rate=0.5,
+                                      ready=lambda: relay.pub.get_subscription_count() == 2)
+    frames = len(truth)
+
+    def accounted(name):  # every camera_info reached the node: paired into a frame, or late
+        values = diagnostic_values(out["diagnostics"], f"/{name}") or {}
+        return (values.get("received.camera_info") == str(frames)
+                and int(values["sets_paired"]) + int(values["late.camera_info"]) == frames
+                and int(values["frames_published"]) + int(values["dropped_busy"]) == int(values["sets_paired"]))
+
+    try:
+        assert ros.spin_until(lambda: accounted("depth_node") and accounted("odometry_node"), 30), str([
+            diagnostic_values(out["diagnostics"], f"/{n}") for n in ("depth_node", "odometry_node")])
+    finally:
+        code, text = _stop(node)
+    assert code == 0, text[-3000:]
+    assert len(relay.released) == frames and relay.overtaken() >= 1  # the delays did reorder the stream
+    for name in ("depth_node", "odometry_node"):
+        values = diagnostic_values(out["diagnostics"], f"/{name}")
+        assert values["time_jumps"] == "0", values
+        assert values["late.camera_info"] == str(relay.overtaken()) and values["late"] == str(relay.overtaken())
+        assert values["unpaired.camera_info"] == "0"
+    # The same trajectory as without delay: every published pose on the ground truth (no restart).
+    from vlm3_ros.odometry import xyz_rotation_to_pose
+    from vlm3_ros.ros.params import OPTICAL_RPY
+
+    T_bc = xyz_rotation_to_pose([0, 0, 0], OPTICAL_RPY)
+    first = min(truth)
+    assert len(out["odom"]) >= 2
+    for msg in out["odom"].messages:
+        stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+        gt = T_bc @ g.relative_pose(truth[first], truth[stamp]) @ g.invert_pose(T_bc)
+        assert np.linalg.norm(cv.pose_matrix(msg.pose.pose)[:3, 3] - gt[:3, 3]) < 0.015, stamp
+    assert all(m.width >= 25 for m in out["points"].messages) and len(out["points"]) >= 2
+
+
 def test_bag_played_into_perception_with_the_tiny_model(ros, ros_domain_id, sevenscenes_bag, tiny_checkpoint):
     args = ["--model", str(tiny_checkpoint), "--ros-args", "-p", "device:=cpu", "-p", "dtype:=float32",
             "-p", "query_count:=8", "-p", "max_new_tokens:=4", "-p", "mode:=pose"]
@@ -381,3 +468,31 @@ def test_bag_played_into_perception_with_the_tiny_model(ros, ros_domain_id, seve
     np.testing.assert_allclose(cv.pose_matrix(odom.pose.pose), np.eye(4), atol=1e-12)
     assert (odom.header.frame_id, odom.child_frame_id) == ("odom", "base_link")
 
+
+
+def test_bench_node_measures_the_nodes_against_the_engine(ros_domain_id, tmp_path, capsys):
+    """`vlm3-ros bench-node` (oracle: the nodes' own cost) feeds a stream into the nodes' process and
+    reports consistent rates, latencies and drops; the speed itself is for BENCHMARKS.md, not checked."""
+    import json
+
+    from vlm3_ros.cli.main import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench-node", "--oracle", "--rate", "10", "--duration", "4", "--cycles", "2", "--warmup", "1",
+                 "--engine-frames", "1", "--frames", "3", "--points", "16", "--rss-interval", "1",
+                 "--domain-id", str(ros_domain_id), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    assert "engine frame time" in printed and "depth_node: output" in printed
+    assert report["conditions"]["rate_hz"] == 10 and report["conditions"]["phases"] == 2
+    assert 7.0 <= report["input_hz"] <= 10.5
+    node = report["nodes"]["depth_node"]
+    # How many frames are served depends on the machine's load; every frame published is accounted for.
+    assert node["frames_out"] >= 2 and node["frames_out"] + node["not_served"] == round(report["input_hz"] * 4)
+    assert 0 < node["latency_p50_s"] <= node["latency_p95_s"] <= node["latency_max_s"] < 10
+    assert node["rate_vs_engine"] == pytest.approx(node["output_hz"] * report["engine"]["frame_s"])
+    assert report["engine"]["frame_s"] > 0 and len(report["engine"]["phases_s"]) == 3
+    assert int(node["diagnostics"]["frames_published"]) >= node["frames_out"]
+    assert node["diagnostics"]["time_jumps"] == "0" and node["diagnostics"]["late"] == "0"
+    assert len(report["rss_mb"]) >= 4 and all(v > 50 for _, v in report["rss_mb"])
+    assert [p["depth_node"]["output_hz"] > 0 for p in report["phases"]] == [True, True]

@@ -40,10 +40,12 @@ def test_exact_pairing_in_any_arrival_order():
     assert sync.add("image", 2 * S, "image2") == {"image": "image2", "camera_info": "info2"}
     # image1 can never pair now (a newer set exists): dropped and counted.
     assert sync.counters.unpaired == {"image": 1, "camera_info": 0}
-    assert sync.add("camera_info", 1 * S, "info1") is None  # older than the last set, still waits
+    # Older than the set already served: late, dropped at once (never a restart).
+    assert sync.offer("camera_info", 1 * S, "info1").status == "late"
     assert sync.add("camera_info", 3 * S, "info3") is None
     assert sync.add("image", 3 * S, "image3") == {"image": "image3", "camera_info": "info3"}
-    assert sync.counters.paired == 2 and sync.counters.unpaired["camera_info"] == 1
+    assert sync.counters.paired == 2 and sync.counters.late == {"image": 0, "camera_info": 1}
+    assert sync.counters.unpaired == {"image": 1, "camera_info": 0} and sync.counters.time_jumps == 0
     assert sync.pending() == {"image": 0, "camera_info": 0}
 
 
@@ -55,12 +57,24 @@ def test_tolerance_picks_the_closest_and_expiry_counts_leftovers():
     paired = sync.add("image", 5 * S, "image")
     assert paired == {"image": "image", "camera_info": "info+3ms", "reference_depth": "depth"}
     assert sync.counters.unpaired["camera_info"] == 1  # the older candidate went stale
-    # A camera_info stamped 20 ms off never pairs with exact... nor within 10 ms; it expires.
-    sync.add("camera_info", 6 * S + 20_000_000, "late info")
+    # A camera_info stamped 20 ms off never pairs, even within 10 ms: it waits until the streams it
+    # lacks have moved on by more than the expiry.
+    sync.add("camera_info", 6 * S + 20_000_000, "off info")
     sync.add("image", 6 * S, "image6")
     assert sync.add("reference_depth", 6 * S, "depth6") is None
-    sync.add("image", 8 * S, "image8")  # 2 s later: everything before 7 s expires
-    assert sync.counters.unpaired == {"image": 1, "camera_info": 2, "reference_depth": 1}
+    sync.add("image", 7 * S, "image7")  # 1 s later: not beyond the expiry yet
+    assert sync.counters.unpaired == {"image": 0, "camera_info": 1, "reference_depth": 0}
+    sync.add("image", 8 * S, "image8")  # 2 s later: "off info" and image7's lack of partners expired nothing
+    # off info: image moved 2 s past it with no partner -> expired; image6 / depth6: camera_info never went
+    # past 6.02 s, so they still wait for their camera_info (a lagging stream is waited for).
+    assert sync.counters.unpaired == {"image": 0, "camera_info": 2, "reference_depth": 0}
+    assert sync.pending() == {"image": 3, "camera_info": 0, "reference_depth": 1}
+    assert sync.add("camera_info", 6 * S, "info6") == {"image": "image6", "camera_info": "info6",
+                                                       "reference_depth": "depth6"}
+    # camera_info and reference_depth at 9 s: image7 and image8 now lack partners that passed them.
+    sync.add("reference_depth", 9 * S + 500_000_000, "depth9.5")
+    sync.add("camera_info", 9 * S + 500_000_000, "info9.5")
+    assert sync.pending()["image"] == 0 and sync.counters.unpaired["image"] == 2
     sync.configure(tolerance_ns=0)
     with pytest.raises(ValueError):
         sync.configure(expiry_ns=0)
@@ -68,12 +82,88 @@ def test_tolerance_picks_the_closest_and_expiry_counts_leftovers():
         sync.add("imu", 0, None)
 
 
-def test_queue_size_bounds_each_stream():
-    sync = StampSync(["image", "camera_info"], queue_size=3, expiry_ns=100 * S)
-    for i in range(10):
+def test_queue_size_bounds_each_stream_keeping_it_spread_over_time():
+    sync = StampSync(["image", "camera_info"], queue_size=4, expiry_ns=100 * S)
+    for i in range(13):
         sync.add("image", i * S, i)
-    assert sync.pending()["image"] == 3 and sync.counters.unpaired["image"] == 7
-    assert sync.add("camera_info", 9 * S, "info") == {"image": 9, "camera_info": "info"}
+    # The message closest to its older neighbour goes first: the queue keeps spanning the wait.
+    assert sync.counters.unpaired["image"] == 9
+    assert [m for _, _, m in sync._queues["image"]] == [0, 4, 8, 12]
+    assert sync.add("camera_info", 8 * S, "info") == {"image": 8, "camera_info": "info"}
+    assert sync.counters.unpaired["image"] == 11  # images 0 and 4 are older than the set served
+
+
+def test_a_lagging_stream_is_waited_for_and_never_taken_for_a_time_jump():
+    """camera_info 2.5 s behind the images (a busy machine, a delaying relay): every frame pairs."""
+    sync = StampSync(["image", "camera_info"], expiry_ns=S, queue_size=40)
+    paired = []
+    for k in range(60):  # 10 Hz images; the info of frame k arrives with image k + 25
+        sync.add("image", k * S // 10, f"image{k}")
+        if k >= 25:
+            got = sync.add("camera_info", (k - 25) * S // 10, f"info{k - 25}")
+            paired.append(got["image"] if got else None)
+    assert paired == [f"image{k}" for k in range(35)]
+    assert sync.counters.time_jumps == 0 and sync.counters.late["camera_info"] == 0
+    assert sync.counters.unpaired == {"image": 0, "camera_info": 0}
+    # With the default queue the images waiting are thinned, not cut at the newest: frames still pair.
+    small = StampSync(["image", "camera_info"], expiry_ns=S, queue_size=20)
+    served = 0
+    for k in range(60):
+        small.add("image", k * S // 10, k)
+        if k >= 25:
+            served += small.add("camera_info", (k - 25) * S // 10, k - 25) is not None
+    assert served >= 15 and small.counters.time_jumps == 0 and small.counters.late["camera_info"] == 0
+
+
+def test_one_message_far_behind_is_late_and_the_next_frame_is_served():
+    sync = StampSync(["image", "camera_info"], expiry_ns=S)
+    for k in range(1, 6):
+        assert sync.add("camera_info", k * S, k) is None and sync.add("image", k * S, k) is not None
+    # A CameraInfo stamped 1.5 s in the past: held (it could be the start of a restart) ...
+    assert sync.offer("camera_info", 3 * S + S // 2, "stale").status == "held"
+    # ... and counted late when the stream goes on normally; the next frame is served, no restart.
+    assert sync.add("camera_info", 6 * S, 6) is None
+    assert sync.add("image", 6 * S, 6) == {"image": 6, "camera_info": 6}
+    assert sync.counters.late == {"image": 0, "camera_info": 1} and sync.counters.time_jumps == 0
+    assert sync.epoch == 0
+
+
+def test_reordered_messages_are_late_not_jumps():
+    sync = StampSync(["image", "camera_info"], expiry_ns=S)
+    for k in range(10):
+        sync.add("image", k * S // 10, k)
+    order = [1, 3, 5, 0, 7, 2, 9, 4, 6, 8]  # delivered with 2-3 s of jitter: reordered within 0.9 s
+    served = [k for k in order if sync.add("camera_info", k * S // 10, k) is not None]
+    assert served == [1, 3, 5, 7, 9]
+    assert sync.counters.late["camera_info"] == 5 and sync.counters.time_jumps == 0
+
+
+def test_a_bag_played_again_is_one_time_jump():
+    sync = StampSync(["image", "camera_info", "reference_depth"], expiry_ns=S)
+    for k in range(30):
+        for stream in ("reference_depth", "camera_info", "image"):
+            sync.add(stream, 10 * S + k * S // 10, k)
+    assert sync.counters.paired == 30 and sync.epoch == 0
+    # The bag restarts at 10 s. Streams go back one after the other; a reference depth from before the
+    # restart is still delivered after the first new images.
+    offers = [sync.offer("image", 10 * S, "new0"), sync.offer("camera_info", 10 * S, "new0"),
+              sync.offer("image", 10 * S + S // 10, "new1"), sync.offer("reference_depth", 13 * S, "old"),
+              sync.offer("reference_depth", 10 * S, "new0")]
+    assert [o.status for o in offers] == ["held", "held", "waiting", "stale", "paired"]
+    assert offers[2].jumped and offers[4].epoch == 1
+    assert offers[4].messages == {"image": "new0", "camera_info": "new0", "reference_depth": "new0"}
+    # All streams at once (in-order delivery): the second message of the first stream completes frame 0.
+    again = StampSync(["image", "camera_info"], expiry_ns=S)
+    for k in (50, 51):
+        again.add("camera_info", k * S, k)
+        again.add("image", k * S, k)
+    assert again.offer("camera_info", 1 * S, 1).status == "held" and again.offer("image", 1 * S, 1).status == "held"
+    first = again.offer("camera_info", 2 * S, 2)
+    assert first.jumped and first.messages == {"image": 1, "camera_info": 1} and first.epoch == 1
+    for stream in ("reference_depth", "camera_info"):
+        sync.add(stream, 10 * S + S // 10, "new1")
+    assert sync.counters.paired == 32 and sync.counters.time_jumps == 1 and sync.epoch == 1
+    assert sum(sync.counters.late.values()) == 0 and sync.counters.unpaired["reference_depth"] == 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -120,7 +210,8 @@ def test_worker_setup_failure_is_reported_and_items_dropped():
     while worker.state == "loading" and time.monotonic() < deadline:
         time.sleep(0.005)
     assert worker.state == "failed" and "no checkpoint at /x" in worker.error
-    assert worker.submit("frame") is True and worker.dropped == 1 and worker.processed == 0
+    # Refused, not counted as dropped: the worker is not busy, it cannot serve at all.
+    assert worker.submit("frame") is False and worker.dropped == 0 and worker.processed == 0
     worker.stop(1)
 
 

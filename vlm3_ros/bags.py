@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import struct
 import tempfile
 import weakref
 from collections import defaultdict
@@ -663,16 +662,6 @@ class RgbdSummary:
             self.problems.append(text)
 
 
-def _raw_header_stamp(data: bytes) -> Optional[int]:
-    """Header stamp of a CDR message whose first field is ``std_msgs/Header`` (None if damaged)."""
-    if len(data) < 12 or data[0] != 0 or data[1] not in (0, 1):
-        return None
-    sec, nanosec = struct.unpack_from("<iI" if data[1] == 1 else ">iI", data, 4)
-    if nanosec >= 1_000_000_000:
-        return None
-    return int(sec) * 1_000_000_000 + int(nanosec)
-
-
 class RgbdFrameIterator:
     """Iterator of :class:`RgbdFrame` returned by :func:`iter_rgbd_frames`; its :attr:`summary`
     (:class:`RgbdSummary`) counts what was paired, unpaired and corrupt.
@@ -739,7 +728,7 @@ class RgbdFrameIterator:
             s.corrupt[topic] = 0
         for conn, log_time, data in reader.messages(connections=connections):
             role = role_of[conn.topic]
-            stamp = _raw_header_stamp(bytes(data[:12]))
+            stamp = msg_codec.cdr_header_stamp(bytes(data[:12]))
             s.messages[conn.topic] += 1
             if stamp is None:
                 s.corrupt[conn.topic] += 1

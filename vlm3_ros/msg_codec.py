@@ -22,6 +22,8 @@ __all__ = [
     "MessageError",
     "camera_info_fields",
     "cloud_fields",
+    "cdr_header_stamp",
+    "compressed_size",
     "compressed_to_array",
     "decode_image",
     "depth_to_metres",
@@ -125,6 +127,28 @@ def depth_to_metres(msg: Any, *, millimetres_per_unit: float = 1.0) -> np.ndarra
     else:
         raise MessageError(f"depth images must be 16UC1 (mm) or 32FC1 (m), got {encoding!r}")
     return depth
+
+
+def compressed_size(msg: Any) -> tuple[int, int]:
+    """``(width, height)`` of a sensor_msgs/CompressedImage read from its header bytes only.
+
+    Nothing is decompressed (a small PNG can hold a huge image): the size can be checked first.
+    Raises :class:`MessageError` when the data is not an image format that can be identified.
+    """
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    data = _buffer(msg.data)
+    if len(data) == 0:
+        raise MessageError("compressed image has no data")
+    try:
+        with Image.open(io.BytesIO(data)) as image:  # reads the header; pixels are decoded lazily
+            width, height = image.size
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise MessageError(f"compressed image (format {getattr(msg, 'format', '?')!r}) is not a readable image: "
+                           f"{exc}") from None
+    return int(width), int(height)
 
 
 def compressed_to_array(msg: Any) -> np.ndarray:
@@ -247,3 +271,18 @@ def read_cloud(msg: Any, names: Sequence[str] | None = None) -> np.ndarray:
     if len(buf) < count * int(msg.point_step):
         raise MessageError(f"cloud data has {len(buf)} bytes, {count} points of {msg.point_step} need more")
     return np.frombuffer(buf, dtype=record, count=count)
+
+
+def cdr_header_stamp(data: bytes) -> int | None:
+    """Header stamp (ns) of a CDR-serialized message whose first field is ``std_msgs/Header``.
+
+    Reads the 8 bytes after the encapsulation header; None when they cannot be a stamp.
+    """
+    import struct
+
+    if len(data) < 12 or data[0] != 0 or data[1] not in (0, 1):
+        return None
+    sec, nanosec = struct.unpack_from("<iI" if data[1] == 1 else ">iI", data, 4)
+    if nanosec >= 1_000_000_000:
+        return None
+    return int(sec) * 1_000_000_000 + int(nanosec)

@@ -49,12 +49,20 @@ error ``dt`` and a rotation error ``dw`` applied on the left in the parent frame
   squared Mahalanobis distance between two estimates, ``e^T (C_1 + C_2)^-1 e``, exceeds
   ``fusion_gate`` (chi-square, 6 degrees of freedom) they are not averaged: the one with the smaller
   covariance determinant is kept.
-* Chaining (:class:`TrajectoryChain`): first-order propagation through ``T_0t = T_0k T_kt``.
-  A frame whose relative pose cannot be measured keeps the last pose (``status`` "lost") and its
-  covariance grows by ``lost_variance`` per frame.
-* Twist (in ``base_link``, as nav_msgs/Odometry expects): the measured keyframe -> frame motion
-  divided by the time between the two frames, with that measurement's covariance divided by the
-  squared time.
+* Chaining (:class:`TrajectoryChain`): first-order propagation through ``T_0t = T_0k T_kt``,
+  starting from ``initial_variance`` on every axis (the first pose defines odom; a small positive
+  prior keeps the covariance positive definite for filters). A frame whose relative pose cannot
+  be measured keeps the last pose (``status`` "lost") and its covariance grows by
+  ``lost_variance`` per frame; the keyframe stays, so the next measured frame is measured against
+  it and no motion is lost (after ``max_lost_frames`` lost frames in a row the current frame
+  becomes the keyframe at the held pose). A frame not after the keyframe in time is refused
+  (:class:`LateFrame`); the trajectory goes on.
+* Twist (in the child frame ``base_link``, REP-105): the measured keyframe -> frame motion as a
+  constant body velocity over the time between the two frames (the SE(3) logarithm, expressed
+  in the current ``base_link``), with that measurement's covariance rotated into the current
+  ``base_link`` and divided by the squared time.
+* Sanity: answered depths beyond ``max_depth`` are not used, and a PnP solution must be finite,
+  keep its inliers in front of both cameras and move less than ``max_depth``.
 """
 
 from __future__ import annotations
@@ -70,11 +78,13 @@ from scipy.spatial.transform import Rotation
 from . import geometry
 from .camera import Intrinsics, preparation_map
 from .geometry import GeometryError
+from .pipeline import NO_REFERENCE
 from .protocol import RelativePose
 
 __all__ = [
     "MODES",
     "QUERY_METHODS",
+    "LateFrame",
     "Matches",
     "NoiseModel",
     "OdometryConfig",
@@ -104,6 +114,10 @@ class OdometryError(ValueError):
     """A relative pose could not be estimated, or an odometry input is invalid."""
 
 
+class LateFrame(OdometryError):
+    """A frame whose stamp is not after the keyframe's: it is skipped, the trajectory goes on."""
+
+
 # ------------------------------------------------------------------------------------------------
 # Small SE(3) helpers
 # ------------------------------------------------------------------------------------------------
@@ -120,6 +134,23 @@ def _rotvec(R: np.ndarray) -> np.ndarray:
 
 def _exp(w: np.ndarray) -> np.ndarray:
     return Rotation.from_rotvec(w).as_matrix()
+
+
+def _body_velocity(T: np.ndarray) -> np.ndarray:
+    """``(v, w)``: the constant body velocity (per unit time) that moves a frame by ``T`` (SE(3) log).
+
+    ``v`` and ``w`` are in the moving frame's own axes (the same at the start and at the end of a
+    constant-velocity motion): ``v = V(w)^-1 t``.
+    """
+    w = _rotvec(T[:3, :3])
+    theta = float(np.linalg.norm(w))
+    W = _skew(w)
+    if theta < 1e-6:
+        c = 1.0 / 12.0 + theta**2 / 720.0
+    else:
+        c = (1.0 - theta * math.sin(theta) / (2.0 * (1.0 - math.cos(theta)))) / theta**2
+    V_inv = np.eye(3) - 0.5 * W + c * W @ W
+    return np.concatenate([V_inv @ T[:3, 3], w])
 
 
 def _tangent(T: np.ndarray, T_ref: np.ndarray) -> np.ndarray:
@@ -144,12 +175,18 @@ def transform_covariance(C: np.ndarray, T_a_b: np.ndarray, T: np.ndarray) -> np.
     Re-expresses a pose (or relative motion) and its uncertainty in another frame, e.g. an
     optical-frame motion in ``base_link``.
     """
+    J = _reexpress_jacobian(T_a_b, T)
+    return _symmetric(J @ C @ J.T)
+
+
+def _reexpress_jacobian(T_a_b: np.ndarray, T: np.ndarray) -> np.ndarray:
+    """Jacobian of the tangent of ``T_a_b @ T @ inv(T_a_b)`` with respect to the tangent of ``T``."""
     R_ab, t_ba = T_a_b[:3, :3], geometry.invert_pose(T_a_b)[:3, 3]
     J = np.zeros((6, 6))
     J[:3, :3] = R_ab
     J[:3, 3:] = -R_ab @ _skew(T[:3, :3] @ t_ba)
     J[3:, 3:] = R_ab
-    return _symmetric(J @ C @ J.T)
+    return J
 
 
 def pose_to_xyz_quaternion(T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -197,10 +234,11 @@ class NoiseModel:
     pixel_sigma: float = 1.0
     depth_rel: float = 0.05
     lost_variance: float = 0.01
+    initial_variance: float = 1e-6
 
     def __post_init__(self) -> None:
         for name in ("rotation_deg", "direction_deg", "distance_rel", "translation_floor_m", "pixel_sigma",
-                     "depth_rel", "lost_variance"):
+                     "depth_rel", "lost_variance", "initial_variance"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise OdometryError(f"noise model {name} must be a finite number > 0, got {value!r}")
@@ -253,11 +291,13 @@ def estimate_from_correspondences(
     noise: NoiseModel = NoiseModel(),
     ransac_px: float = 3.0,
     min_inliers: int = 8,
+    max_translation: float = math.inf,
 ) -> tuple[RelativeEstimate, np.ndarray]:
     """PnP on ideal-pinhole pixels ``uv1`` with depth ``z1`` (along z) matched to ``uv2``.
 
     Returns the estimate of camera 1 <- camera 2 and the inlier mask over the rows.
-    Raises :class:`OdometryError` naming the problem (too few matches or inliers, degenerate points).
+    Raises :class:`OdometryError` naming the problem (too few matches or inliers, degenerate points,
+    a solution that is not finite, puts inliers behind a camera or moves more than ``max_translation``).
     """
     try:
         result = geometry.pose_from_correspondences(
@@ -267,7 +307,17 @@ def estimate_from_correspondences(
         raise OdometryError(f"PnP failed: {exc}") from None
     inl = result.inliers
     obj = geometry.backproject(np.asarray(uv1)[inl], np.asarray(z1)[inl], K1)
+    if not np.all(np.isfinite(result.T)):
+        raise OdometryError("PnP gave a non-finite pose")
+    distance = float(np.linalg.norm(result.T[:3, 3]))
+    if distance > max_translation:
+        raise OdometryError(f"PnP moved the camera {distance:.3g} m between two frames, beyond max_depth "
+                            f"{max_translation:g} m: not plausible")
     T21 = geometry.invert_pose(result.T)
+    in_front2 = geometry.transform_points(T21, obj)[:, 2] > 0
+    if not (np.all(obj[:, 2] > 0) and np.all(in_front2)):
+        raise OdometryError(f"PnP put {int((~in_front2).sum())} of {len(obj)} inliers behind the second camera: "
+                            "not plausible")
     rvec = cv2.Rodrigues(T21[:3, :3])[0].reshape(3)
     tvec = T21[:3, 3]
     _, jac = cv2.projectPoints(obj, rvec, tvec, np.asarray(K2, float), None)
@@ -341,18 +391,22 @@ class TrajectoryChain:
     ``T_base_camera`` is the static base_link <- camera optical frame transform.
     """
 
-    def __init__(self, T_base_camera: np.ndarray | None = None, lost_variance: float = 0.01) -> None:
+    def __init__(self, T_base_camera: np.ndarray | None = None, lost_variance: float = 0.01,
+                 initial_variance: float = 0.0) -> None:
         self.T_base_camera = np.eye(4) if T_base_camera is None else np.asarray(T_base_camera, float)
         self.lost_variance = float(lost_variance)
+        self.initial_variance = float(initial_variance)
         self.reset()
 
     def reset(self) -> None:
-        """Forget the trajectory; the next frame starts it again at the origin."""
+        """Forget the trajectory; the next frame starts it again at the origin, its covariance in
+        ``odom`` (of base_link) ``initial_variance`` on every axis."""
         self.started = False
         self.T_key = np.eye(4)  # odom-camera chain: cam0 <- keyframe
-        self.C_key = np.zeros((6, 6))
+        J_inv = np.linalg.inv(_reexpress_jacobian(self.T_base_camera, np.eye(4)))
+        self.C_key = _symmetric(J_inv @ (self.initial_variance * np.eye(6)) @ J_inv.T)
         self.T_cur = np.eye(4)  # cam0 <- current frame
-        self.C_cur = np.zeros((6, 6))
+        self.C_cur = self.C_key.copy()
 
     def start(self) -> None:
         self.reset()
@@ -462,6 +516,8 @@ class OdometryConfig:
     fusion_gate: float = 22.46
     noise: NoiseModel = field(default_factory=NoiseModel)
     T_base_camera: Optional[np.ndarray] = None
+    max_lost_frames: int = 10
+    max_depth: float = 100.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -476,6 +532,10 @@ class OdometryConfig:
             raise OdometryError(f"query_count {self.query_count} is below min_inliers {self.min_inliers}")
         if not (self.ransac_px > 0 and self.fusion_gate > 0):
             raise OdometryError("ransac_px and fusion_gate must be > 0")
+        if int(self.max_lost_frames) < 1:
+            raise OdometryError(f"max_lost_frames must be >= 1, got {self.max_lost_frames}")
+        if not (self.max_depth > 0):
+            raise OdometryError(f"max_depth must be > 0 m, got {self.max_depth}")
 
 
 @dataclass
@@ -501,8 +561,9 @@ class OdometryUpdate:
     ``status``: "initialised" (first frame: the origin), "tracking" (measured) or "lost" (the pose
     is held). Poses: ``T_odom_camera`` (odom <- optical frame) and ``T_odom_base``; ``covariance``
     is the 6x6 of ``T_odom_base`` in the odom frame; ``twist`` (vx, vy, vz, wx, wy, wz) and its
-    covariance are in base_link. ``errors`` lists why a measurement failed; ``parse_failures``
-    counts unparseable answers of this frame.
+    covariance are in the current base_link (the child frame). ``errors`` lists why a measurement
+    failed; ``parse_failures`` counts unparseable answers of this frame, ``no_reference`` answers
+    without a reference value (oracle).
     """
 
     stamp: float
@@ -517,6 +578,7 @@ class OdometryUpdate:
     matches: Optional[Matches] = None
     errors: list = field(default_factory=list)
     parse_failures: int = 0
+    no_reference: int = 0
 
 
 @dataclass
@@ -524,7 +586,8 @@ class _Keyframe:
     frame: OdometryFrame
     uv: Optional[np.ndarray] = None  # original pixels the depth answers refer to
     z: Optional[np.ndarray] = None  # depth along z at uv (NaN unanswered)
-    since: int = 0
+    since: int = 0  # frames measured against it
+    lost: int = 0  # frames in a row that could not be measured against it
 
 
 class VisualOdometry:
@@ -546,7 +609,7 @@ class VisualOdometry:
         self.pose_estimator = pose_estimator
         self.matcher = matcher
         self.depth_estimator = depth_estimator
-        self.chain = TrajectoryChain(config.T_base_camera, config.noise.lost_variance)
+        self.chain = TrajectoryChain(config.T_base_camera, config.noise.lost_variance, config.noise.initial_variance)
         self._key: Optional[_Keyframe] = None
 
     def reset(self) -> None:
@@ -560,6 +623,7 @@ class VisualOdometry:
                    or not np.array_equal(_pose_or_eye(config.T_base_camera), _pose_or_eye(self.config.T_base_camera)))
         self.config = config
         self.chain.lost_variance = config.noise.lost_variance
+        self.chain.initial_variance = config.noise.initial_variance
         if restart:
             self.chain.T_base_camera = _pose_or_eye(config.T_base_camera)
             self.reset()
@@ -575,8 +639,12 @@ class VisualOdometry:
         result = self.pose_estimator.estimate(key.image, key.intrinsics, frame.image, frame.intrinsics,
                                               reference_pose=self._reference_relative(key, frame))
         if result.pose is None:
-            counts["parse"] += 1
-            errors.append(f"pose answers unparseable: {result.error}")
+            if result.error == NO_REFERENCE:
+                counts["no_reference"] += 1
+                errors.append("pose answers: no reference value")
+            else:
+                counts["parse"] += 1
+                errors.append(f"pose answers unparseable: {result.error}")
             return None
         try:
             return estimate_from_pose_answers(result.pose, self.config.noise)
@@ -592,21 +660,24 @@ class VisualOdometry:
         result = self.depth_estimator.estimate(key.frame.image, key.frame.intrinsics, uv,
                                                reference_depth=key.frame.reference_depth)
         counts["parse"] += result.parse_failures
+        counts["no_reference"] += result.no_reference
         key.uv = np.where(result.valid[:, None], result.uv, uv)
         key.z = np.where(result.valid, result.z, np.nan)
 
     def _measure_correspondence(self, key: _Keyframe, frame: OdometryFrame, errors: list,
                                 counts: dict) -> tuple[Optional[RelativeEstimate], Optional[Matches]]:
         self._keyframe_depth(key, counts)
-        ok = np.isfinite(key.z) & (key.z > 0)
+        ok = np.isfinite(key.z) & (key.z > 0) & (key.z <= self.config.max_depth)
         if ok.sum() < self.config.min_inliers:
-            errors.append(f"only {int(ok.sum())} keyframe depths answered, need {self.config.min_inliers}")
+            errors.append(f"only {int(ok.sum())} keyframe depths answered within max_depth "
+                          f"{self.config.max_depth:g} m, need {self.config.min_inliers}")
             return None, None
         uv1, z1 = key.uv[ok], key.z[ok]
         result = self.matcher.match(key.frame.image, key.frame.intrinsics, frame.image, frame.intrinsics, uv1,
                                     reference_depth1=key.frame.reference_depth,
                                     reference_pose=self._reference_relative(key.frame, frame))
-        counts["parse"] += sum(e is not None and not e.startswith("outside") for e in result.errors)
+        counts["parse"] += result.parse_failures
+        counts["no_reference"] += result.no_reference
         spec = self.depth_estimator.spec.preprocess
         m1 = preparation_map(key.frame.intrinsics, spec)
         m2 = preparation_map(frame.intrinsics, spec)
@@ -616,7 +687,8 @@ class VisualOdometry:
         try:
             estimate, inliers = estimate_from_correspondences(
                 m1.to_prepared(uv1), z1, m2.to_prepared(result.uv2), K1, m2.prepared.K,
-                noise=self.config.noise, ransac_px=self.config.ransac_px, min_inliers=self.config.min_inliers)
+                noise=self.config.noise, ransac_px=self.config.ransac_px, min_inliers=self.config.min_inliers,
+                max_translation=self.config.max_depth)
         except OdometryError as exc:
             errors.append(str(exc))
             return None, matches
@@ -638,9 +710,9 @@ class VisualOdometry:
             return self._update(frame, "initialised", keyframe=True)
         key = self._key
         if frame.stamp <= key.frame.stamp:
-            raise OdometryError(f"frame stamp {frame.stamp:.9f} is not after the keyframe's {key.frame.stamp:.9f}")
+            raise LateFrame(f"frame stamp {frame.stamp:.9f} is not after the keyframe's {key.frame.stamp:.9f}")
         errors: list = []
-        counts = {"parse": 0}
+        counts = {"parse": 0, "no_reference": 0}
         estimates = []
         matches = None
         if cfg.mode in ("correspondence", "both"):
@@ -649,36 +721,44 @@ class VisualOdometry:
         if cfg.mode in ("pose", "both"):
             estimates.append(self._measure_pose(key.frame, frame, errors, counts))
         estimates = [e for e in estimates if e is not None]
-        key.since += 1
         if not estimates:
+            # Lost: hold the pose and keep the keyframe, so the next measured frame is measured against it
+            # and the motion in between is not lost.
             self.chain.hold()
-            if key.since >= cfg.keyframe_interval:
-                # Give up on this keyframe: continue from the held pose with the current frame.
+            key.lost += 1
+            if key.lost >= cfg.max_lost_frames:
+                # Too long without a measurement: continue from the held pose with the current frame.
                 self.chain.make_keyframe()
                 self._key = _Keyframe(frame)
             update = self._update(frame, "lost", keyframe=self._key.frame is frame, errors=errors,
-                                  parse_failures=counts["parse"], matches=matches)
+                                  parse_failures=counts["parse"], no_reference=counts["no_reference"],
+                                  matches=matches)
             return update
+        key.since += 1
+        key.lost = 0
         estimate = fuse(estimates, cfg.fusion_gate)
         self.chain.update(estimate)
         make_key = key.since >= cfg.keyframe_interval
         update = self._update(frame, "tracking", keyframe=make_key, estimate=estimate, errors=errors,
-                              parse_failures=counts["parse"], matches=matches, dt=frame.stamp - key.frame.stamp)
+                              parse_failures=counts["parse"], no_reference=counts["no_reference"], matches=matches,
+                              dt=frame.stamp - key.frame.stamp)
         if make_key:
             self.chain.make_keyframe()
             self._key = _Keyframe(frame)
         return update
 
     def _update(self, frame: OdometryFrame, status: str, *, keyframe: bool, estimate: RelativeEstimate | None = None,
-                errors: list | None = None, parse_failures: int = 0, matches: Matches | None = None,
-                dt: float = 0.0) -> OdometryUpdate:
+                errors: list | None = None, parse_failures: int = 0, no_reference: int = 0,
+                matches: Matches | None = None, dt: float = 0.0) -> OdometryUpdate:
         twist = np.zeros(6)
         twist_cov = UNKNOWN_VARIANCE * np.eye(6)
         Tbc = self.chain.T_base_camera
         if estimate is not None and dt > 0:
             motion = Tbc @ estimate.T @ geometry.invert_pose(Tbc)  # base(key) <- base(frame)
-            twist = np.concatenate([motion[:3, 3], _rotvec(motion[:3, :3])]) / dt
-            twist_cov = transform_covariance(estimate.covariance, Tbc, estimate.T) / dt**2
+            twist = _body_velocity(motion) / dt  # in the current base frame (the child frame)
+            to_child = np.kron(np.eye(2), motion[:3, :3].T)
+            twist_cov = _symmetric(to_child @ transform_covariance(estimate.covariance, Tbc, estimate.T)
+                                   @ to_child.T) / dt**2
         return OdometryUpdate(
             stamp=frame.stamp,
             status=status,
@@ -692,6 +772,7 @@ class VisualOdometry:
             matches=matches,
             errors=list(errors or []),
             parse_failures=parse_failures,
+            no_reference=no_reference,
         )
 
 

@@ -26,19 +26,50 @@ from . import protocol
 from .camera import Intrinsics, PreparedImage, prepare_depth, prepare_image
 from .completion import AdaptiveConfig, CompletionConfig, DenseDepth, complete_depth, select_adaptive_pixels
 from .engine.base import Backend, GroundTruth, Request, Response
+from .engine.oracle import is_unknown_answer
 from .protocol import AnswerParseError, RelativePose, TaskSpec
 
 __all__ = [
+    "BEYOND_MAX_DEPTH",
     "CorrespondenceMatcher",
     "CorrespondenceResult",
     "DenseResult",
     "DepthEstimator",
     "DepthResult",
+    "NO_REFERENCE",
+    "OUTSIDE",
     "PoseEstimator",
     "PoseResult",
     "dense_rounds",
+    "is_parse_failure",
     "query_grid",
 ]
+
+#: Why a requested pixel has no value, besides an unparseable answer (``errors`` of the results):
+OUTSIDE = "outside the prepared image"  # not asked: the pixel does not exist in the prepared image
+NO_REFERENCE = "no reference value at this pixel"  # the oracle's "unknown" (no ground truth there)
+BEYOND_MAX_DEPTH = "beyond max_depth"  # answered, but farther than the caller's plausibility limit
+
+
+def is_parse_failure(error: str | None) -> bool:
+    """True for an answer that could not be parsed (a model failure), not for the other reasons above."""
+    return error is not None and not error.startswith((OUTSIDE, NO_REFERENCE, BEYOND_MAX_DEPTH))
+
+
+class _Reasons:
+    """Counts over a result's ``errors`` (one reason, or None, per requested pixel)."""
+
+    errors: list[str | None]
+
+    @property
+    def parse_failures(self) -> int:
+        """Answers that could not be parsed (model failures)."""
+        return sum(is_parse_failure(e) for e in self.errors)
+
+    @property
+    def no_reference(self) -> int:
+        """Answers saying there is no reference value at their pixel (the oracle's "unknown")."""
+        return sum(e is not None and e.startswith(NO_REFERENCE) for e in self.errors)
 
 
 def query_grid(width: int, height: int, count: int, margin: float = 0.05) -> np.ndarray:
@@ -90,6 +121,10 @@ def _parse_all(parse: Callable[[str], Any], answers: list[str]) -> tuple[list[An
     values: list[Any] = []
     errors: list[str | None] = []
     for text in answers:
+        if is_unknown_answer(text):
+            values.append(None)
+            errors.append(NO_REFERENCE)
+            continue
         try:
             values.append(parse(text))
             errors.append(None)
@@ -116,14 +151,15 @@ def _text_coordinates(prepared: PreparedImage, uv: np.ndarray, scale: int) -> tu
 
 
 @dataclass
-class DepthResult:
+class DepthResult(_Reasons):
     """Sparse metric depth of one frame.
 
     ``uv`` holds the original-image pixel each answer refers to (the requested pixel moved by at
     most half a text-coordinate unit by the protocol's rounding); ``distance`` is the answered value
     (ray length or z as the spec says), ``z`` metres along the optical axis, ``points`` the 3D
-    points in the camera's optical frame. Rows that were not asked (outside the image) or whose
-    answer could not be parsed are NaN and not ``valid``.
+    points in the camera's optical frame. Rows that were not asked (outside the image), whose
+    answer could not be parsed, says there is no reference value (oracle) or lies beyond the
+    estimator's ``max_depth`` are NaN and not ``valid``; ``errors`` says which.
     """
 
     uv_query: np.ndarray
@@ -136,10 +172,6 @@ class DepthResult:
     errors: list[str | None]
     prepared: PreparedImage
     response: Response | None = None
-
-    @property
-    def parse_failures(self) -> int:
-        return sum(e is not None and not e.startswith("outside") for e in self.errors)
 
     def depth_image(self, width: int, height: int) -> np.ndarray:
         """A float32 depth image (metres along z, NaN elsewhere) in the original geometry (REP-118)."""
@@ -199,12 +231,17 @@ class DenseResult:
 
 
 class DepthEstimator:
-    """Sparse metric depth from a backend serving the ``depth`` task."""
+    """Sparse metric depth from a backend serving the ``depth`` task.
 
-    def __init__(self, backend: Backend, *, spec: TaskSpec | None = None, max_new_tokens: int = 64) -> None:
+    ``max_depth`` (metres along z): answers farther away are not used (``errors``: beyond max_depth).
+    """
+
+    def __init__(self, backend: Backend, *, spec: TaskSpec | None = None, max_new_tokens: int = 64,
+                 max_depth: float | None = None) -> None:
         self.backend = backend
         self.spec = spec or backend.spec("depth")
         self.max_new_tokens = max_new_tokens
+        self.max_depth = max_depth
         if self.spec.coord_scale is None:
             raise ValueError(f"task {self.spec.name!r} has no coordinate scale; it cannot reference pixels")
 
@@ -257,7 +294,7 @@ class DepthEstimator:
         n = len(uv)
         distance = np.full(n, np.nan)
         answers: list[str | None] = [None] * n
-        errors: list[str | None] = ["outside the prepared image"] * n
+        errors: list[str | None] = [OUTSIDE] * n
         for k, i in enumerate(index):
             answers[i] = texts[k]
             errors[i] = parse_errors[k]
@@ -267,6 +304,11 @@ class DepthEstimator:
         if self.depth_kind == "ray":
             rays /= np.linalg.norm(rays, axis=1, keepdims=True)
         points = rays * distance[:, None]
+        if self.max_depth is not None:
+            for i in np.flatnonzero(np.isfinite(distance) & ~(points[:, 2] <= self.max_depth)):
+                errors[i] = f"{BEYOND_MAX_DEPTH} ({points[i, 2]:.3g} m > {self.max_depth:g} m)"
+                distance[i] = np.nan
+                points[i] = np.nan
         valid = np.isfinite(distance)
         uv_ref = np.full_like(uv, np.nan)
         uv_ref[inside] = prepared.mapping.to_original(referenced[inside])
@@ -326,8 +368,12 @@ class DepthEstimator:
 
 
 @dataclass
-class CorrespondenceResult:
-    """Matches of original image-1 pixels ``uv1`` in original image 2 (``uv2``; NaN where none)."""
+class CorrespondenceResult(_Reasons):
+    """Matches of original image-1 pixels ``uv1`` in original image 2 (``uv2``; NaN where none).
+
+    ``uv1_used`` is the original image-1 pixel each question referred to (``uv1`` moved by the text
+    coordinates' rounding; NaN where not asked).
+    """
 
     uv1: np.ndarray
     uv2: np.ndarray
@@ -336,6 +382,7 @@ class CorrespondenceResult:
     errors: list[str | None]
     prepared: tuple[PreparedImage, PreparedImage]
     response: Response | None = None
+    uv1_used: np.ndarray | None = None
 
 
 class CorrespondenceMatcher:
@@ -367,7 +414,7 @@ class CorrespondenceMatcher:
         p1 = prepare_image(image1, intrinsics1, self.spec.preprocess)
         p2 = prepare_image(image2, intrinsics2, self.spec.preprocess)
         scale = self.spec.coord_scale
-        inside, nxy, _ = _text_coordinates(p1, uv1, scale)
+        inside, nxy, referenced = _text_coordinates(p1, uv1, scale)
         index = np.flatnonzero(inside)
         suffix = self.spec.option("think_suffix", "") if self.think else ""
         questions = [self.spec.question(nx=int(nxy[i, 0]), ny=int(nxy[i, 1])) + suffix for i in index]
@@ -385,14 +432,17 @@ class CorrespondenceMatcher:
         n = len(uv1)
         uv2 = np.full((n, 2), np.nan)
         answers: list[str | None] = [None] * n
-        errors: list[str | None] = ["outside the prepared image"] * n
+        errors: list[str | None] = [OUTSIDE] * n
         size2 = np.array([p2.width, p2.height], dtype=float)
         for k, i in enumerate(index):
             answers[i] = response.answers[k]
             errors[i] = parse_errors[k]
             if values[k] is not None:
                 uv2[i] = p2.mapping.to_original(np.asarray(values[k], float) / scale * size2)
-        return CorrespondenceResult(uv1, uv2, np.all(np.isfinite(uv2), axis=1), answers, errors, (p1, p2), response)
+        uv1_used = np.full_like(uv1, np.nan)
+        uv1_used[inside] = p1.mapping.to_original(referenced[inside])
+        return CorrespondenceResult(uv1, uv2, np.all(np.isfinite(uv2), axis=1), answers, errors, (p1, p2), response,
+                                    uv1_used)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -444,5 +494,6 @@ class PoseEstimator:
             pose = protocol.parse_pose_answers(answers)
             error = None
         except protocol.ProtocolError as exc:
-            pose, error = None, str(exc)
+            unknown = any(is_unknown_answer(text) for text in answers.values())
+            pose, error = None, NO_REFERENCE if unknown else str(exc)
         return PoseResult(pose=pose, answers=answers, error=error, response=response)

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from vlm3_ros.cli.server_options import SERVER_URL_HELP, add_server_options, server_backend
+
 HELP = ("evaluate a checkpoint (or the oracle) on VLM3 datasets or rosbag2 recordings: depth, correspondence, pose, "
         "trajectory, dense depth, objects (SpatialRGPT-style)")
 
@@ -16,6 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     who.add_argument("--checkpoint", help="checkpoint directory or hub id (local cache) to evaluate")
     who.add_argument("--oracle", action="store_true",
                      help="answer from the ground truth instead of a model (validates data and metrics)")
+    who.add_argument("--server", metavar="URL", help=SERVER_URL_HELP)
     parser.add_argument("--bag", action="append", default=[], metavar="BAG",
                         help="a rosbag2 recording to evaluate (repeatable); converted with the model's task specs")
     parser.add_argument("--output", required=True, help="report directory (report.json and PNG plots)")
@@ -36,12 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-dataset", help="bags: keep the converted dataset at this path")
     parser.add_argument("--dense", type=int, default=0, metavar="N",
                         help="bags: also score dense depth from N questions per frame (grid + adaptive second round, "
-                             "as the depth node) against each frame's depth image (0: off)")
-    parser.add_argument("--dense-share", type=float, default=0.35, help="bags: share of the N asked in the second round")
+                             "as the depth node) against each frame's depth image (default 0: off)")
+    parser.add_argument("--dense-share", type=float, default=0.35, help="bags: share of the N asked in the second round (default 0.35)")
     parser.add_argument("--dense-frames", type=int, default=0, help="bags: at most this many frames per bag for dense "
-                        "depth (0: all; --frame-stride applies)")
+                        "depth (default 0: all; --frame-stride applies)")
     parser.add_argument("--no-plots", action="store_true", help="write report.json only")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_server_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,6 +79,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                                  max_frames=args.dense_frames)
         if args.oracle:
             backend = load_backend("oracle")
+        elif args.server:
+            backend = server_backend(args)
         else:
             backend = load_backend("transformers", checkpoint=args.checkpoint, device=args.device, dtype=args.dtype,
                                    adapter=args.adapter)

@@ -3,7 +3,7 @@
 ``vlm3-ros bag from-rgbd DIR OUT``
     A folder of RGB-D frames -> a rosbag2 bag with the topics of :data:`vlm3_ros.bags.TOPICS`
     (rgb8 Image, CameraInfo, depth Image, ground-truth PoseStamped) and ``/tf``, each frame's
-    messages sharing one stamp. Layouts: 7-Scenes (``frame-NNNNNN.{color.png,depth.png,pose.txt}``,
+    messages sharing one stamp. Layouts: 7-Scenes (``frame-NNNNNN.{color.png|color.jpg,depth.png,pose.txt}``,
     no timestamps: frames are stamped at a fixed ``--rate`` from ``--start``; intrinsics from
     ``camera-intrinsics.txt``) and TUM RGB-D (``rgb.txt``, ``depth.txt``, ``groundtruth.txt``:
     the files' own timestamps; colour, depth and pose associated within 0.02 s; published
@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub.required = True
 
     make = sub.add_parser("from-rgbd", help="turn a folder of RGB-D frames (7-Scenes or TUM RGB-D) into a rosbag2",
-                          description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                          description=__doc__, formatter_class=parser.formatter_class)
     make.add_argument("dir", metavar="DIR", type=Path, help="folder of RGB-D frames")
     make.add_argument("out", metavar="OUT", type=Path, help="bag directory to create")
     make.add_argument("--layout", choices=LAYOUTS, default="auto", help="folder layout (default: detected)")
@@ -58,7 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     make.add_argument("--quiet", action="store_true", help="no progress bar")
     make.set_defaults(_bag_run=run_from_rgbd)
 
-    info = sub.add_parser("info", help="topics, counts, duration and storage of a bag")
+    info = sub.add_parser("info", help="topics, counts, duration and storage of a bag",
+                          description="Topics with types and counts, duration and storage of a bag.",
+                          formatter_class=parser.formatter_class)
     info.add_argument("bag", metavar="BAG", type=Path, help="rosbag2 directory")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(_bag_run=run_info)
@@ -95,9 +97,9 @@ def detect_layout(root: Path) -> str:
         if folder.is_dir() and any(folder.glob("frame-*.pose.txt")):
             return "7scenes"
     names = ", ".join(sorted(e.name for e in entries)[:8]) + (", ..." if len(entries) > 8 else "")
-    raise BagError(f"{root} is neither a 7-Scenes sequence (frame-NNNNNN.color.png/.depth.png/.pose.txt, "
-                   f"directly or in rgbd-frames/) nor a TUM RGB-D sequence (rgb.txt, depth.txt, groundtruth.txt); "
-                   f"it holds {names}")
+    raise BagError(f"{root} is neither a 7-Scenes sequence (frame-NNNNNN.color.png or .color.jpg, .depth.png, "
+                   f".pose.txt, directly or in rgbd-frames/) nor a TUM RGB-D sequence (rgb.txt, depth.txt, "
+                   f"groundtruth.txt); it holds {names}")
 
 
 Frame = Tuple[int, Any, Any, Any]  # stamp_ns, rgb, depth_m, T_w_c

@@ -9,6 +9,11 @@ machine answers N depth questions twice, side by side in one run:
 
 It reports points/s, per-frame latency, peak memory, the ratio b/a and whether every answer was
 identical token for token, plus where the engine's frame time goes.
+
+With ``--server URL`` (a server serving the same ``--model``, e.g. ``vlm3-ros serve MODEL``) the same
+run also measures (c) the server backend: the N questions all at once and one at a time, and a fleet
+of depth nodes sharing the server (:mod:`vlm3_ros.cli.bench_server`). Each point count then uses its
+own frame, so that the server never finds a frame in its prefix cache from an earlier row.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .server_options import add_server_options, server_backend
+
 HELP = "Benchmark the shared-prefix engine against one generate() per point (same model, same run)."
 
 BENCH_MODEL_VERSION = "1"
@@ -32,14 +39,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, help="write the results as JSON to this path")
     parser.add_argument("--model", help="checkpoint directory or hub id (default: the generated bench model)")
     parser.add_argument("--preset", default="bench", help="preset of the generated model when --model is not given")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=128,
+                        help="tokens generated per answer (random weights never stop early)")
     parser.add_argument("--max-batch", type=int, default=64, help="engine: questions decoded together at most")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="auto", help="torch device: auto (CUDA when available), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--image", type=Path, help="a 640x480 image file instead of the generated test frame")
     parser.add_argument("--focal", type=float, default=585.0, help="focal length of the frame in pixels")
     parser.add_argument("--skip-reference-above", type=int, default=0,
                         help="skip the (slow) reference for N above this (0: never skip)")
+    parser.add_argument("--server", metavar="URL", help="also measure this OpenAI-compatible server serving --model "
+                        "(e.g. vlm3-ros serve MODEL): all questions at once, one at a time, and a fleet of robots")
+    parser.add_argument("--robots", type=int, default=2, help="with --server: depth nodes in their own namespaces "
+                        "sharing the server in the fleet measurement (0: no fleet measurement)")
+    parser.add_argument("--fleet-seconds", type=float, default=20.0, help="duration of each fleet configuration")
+    parser.add_argument("--fleet-rounds", type=int, default=3, help="rounds the fleet configurations take turns for")
+    parser.add_argument("--fleet-points", type=int, default=64, help="depth questions per frame in the fleet")
+    add_server_options(parser)
 
 
 def bench_frame(width: int = 640, height: int = 480, seed: int = 0) -> np.ndarray:
@@ -150,8 +167,23 @@ def run(args: argparse.Namespace) -> int:
     }
     print("  ".join(f"{k}={v}" for k, v in info.items()), flush=True)
 
+    server = sequential = None
+    if args.server:
+        from .bench_server import print_server_row, server_row
+
+        server = server_backend(args)
+        if server.spec(spec.name) != spec:
+            print(f"error: the server at {args.server} serves other {spec.name} specs than {model}; serve that model")
+            return 2
+        sequential = server_backend(args, concurrency=1)
+        warm = estimator.prepare(bench_frame(seed=99), camera)
+        server.answer(Request(images=[warm.image], questions=estimator.questions(warm, query_grid(width, height, 4))[0],
+                              spec=spec, max_new_tokens=args.max_new_tokens))
+
     results = []
     for n in args.points:
+        if server is not None and not args.image:  # a frame the server has not seen (see the docstring)
+            prepared = estimator.prepare(bench_frame(seed=n), camera)
         uv = query_grid(width, height, n)[:n]
         if len(uv) < n:  # the grid rounds its shape; top up deterministically
             extra = np.random.default_rng(n).uniform([0, 0], [width - 1, height - 1], size=(n - len(uv), 2)).round()
@@ -186,14 +218,32 @@ def run(args: argparse.Namespace) -> int:
             image_s = t["vision"] + t["prefix_prefill"] + t["preprocess"]
             per_point = reference_s / n
             row["image_sharing_bound"] = reference_s / (image_s + n * max(per_point - image_s, 0.0))
+        if server is not None:
+            other = estimator.prepare(bench_frame(seed=10_000 + n), camera)
+            skip = bool(args.skip_reference_above and n > args.skip_reference_above)
+            row.update(server_row(server, sequential, request, engine.answers, None if skip else Request(
+                images=[other.image], questions=estimator.questions(other, uv)[0], spec=spec,
+                max_new_tokens=args.max_new_tokens)))
         results.append(row)
         _print_row(row)
+        if server is not None:
+            print_server_row(row)
+
+    fleet_rows = []
+    if server is not None and args.robots > 0:
+        from .bench_server import fleet
+
+        frames = [bench_frame(seed=20_000 + k) for k in range(8)] if not args.image else [frame]
+        fleet_rows = fleet(args.server, backend, frames, camera, robots=args.robots, points=args.fleet_points,
+                           seconds=args.fleet_seconds, max_new_tokens=args.max_new_tokens, rounds=args.fleet_rounds)
 
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"info": info, "results": results}, indent=2) + "\n")
+        payload = {"info": info, "results": results, **({"fleet": fleet_rows} if fleet_rows else {})}
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
         print(f"wrote {args.json}")
-    return 0 if all(r["identical_answers"] in (True, None) for r in results) else 1
+    identical = all(r["identical_answers"] in (True, None) and r.get("server_identical_to_engine", True) for r in results)
+    return 0 if identical else 1
 
 
 def _print_row(row: dict) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 import time
 from pathlib import Path
@@ -38,9 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--share", type=float, default=0.35, help="share of N asked in the adaptive second round")
     parser.add_argument("--frame-step", type=int, default=1, help="use every n-th frame (default: all)")
     parser.add_argument("--model", help="checkpoint directory or hub id (default: the ground-truth oracle)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--device", default="auto", help="torch device: auto (CUDA when available), cpu, cuda, cuda:N "
+                        "(default auto)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="model weights' dtype (default auto: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                        help="tokens generated per answer at most (default 64)")
     parser.add_argument("--min-confidence", type=float, default=0.5, help="confidence kept in depth/dense")
     parser.add_argument("--margin", type=float, default=0.02, help="border left out of the questions (fraction)")
     parser.add_argument("--edge-weight", type=float, default=0.0, help="adaptive round: weight of image edges")

@@ -80,13 +80,9 @@ def _input_bag(path: Path, frames: int, camera_height: float | None, regenerate:
 
 
 def _child_env(domain_id: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env["ROS_DOMAIN_ID"] = str(domain_id)
-    env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    # The PyPI ROS wheels re-execute each interpreter once to set its library path and mark it in
-    # this variable; a child must set up its own.
-    env.pop("_ROS_WHEELS_BOOTSTRAP_COMPLETE", None)
-    return env
+    from ..ros.dds import child_environment
+
+    return child_environment(domain_id)
 
 
 def _params_file(path: Path, model: Path | None, points: int, depth_backend: str, odometry_backend: str) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from typing import Mapping, Sequence
 
@@ -18,7 +19,9 @@ COMMANDS = {
     "query": "query",
     "bench": "bench",
     "bench-dense": "bench_dense",
+    "bench-node": "bench_node",
     "perception": "perception",
+    "serve": "serve",
     "bag": "bag",
     "play": "play",
     "demo": "demo",
@@ -27,12 +30,35 @@ COMMANDS = {
 DESCRIPTION = "A vision-language model as a metric 3D sensor for ROS 2 (VLM3 protocol)."
 
 
+def plain_text(text: str) -> str:
+    """Docstring text for a terminal: reStructuredText roles and literals shown as plain words."""
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text)
+    return re.sub(r"``([^`]+)``", r"\1", text)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written (paragraphs and lists kept) without reStructuredText markup, and each
+    option's default after its help unless the help already names it."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return super()._fill_text(plain_text(text), width, indent)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "default" in text.lower() or default in (None, False, argparse.SUPPRESS)
+                or (isinstance(default, (list, tuple)) and not default)):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 def build_parser(prog: str, description: str, package: str, commands: Mapping[str, str]) -> argparse.ArgumentParser:
     """A parser with one subcommand per available module ``package.<module>`` of ``commands``.
 
-    A subcommand whose module is not present in this installation is left out.
+    A subcommand whose module is not present in this installation is left out. Help is formatted by
+    :class:`HelpFormatter` (subcommands making their own subparsers pass ``parser.formatter_class`` on).
     """
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, module_name in commands.items():
@@ -42,7 +68,7 @@ def build_parser(prog: str, description: str, package: str, commands: Mapping[st
             if exc.name != f"{package}.{module_name}":
                 raise
             continue
-        command = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        command = sub.add_parser(name, help=module.HELP, description=module.HELP, formatter_class=HelpFormatter)
         module.add_arguments(command)
         command.set_defaults(_run=module.run)
     return parser

@@ -10,7 +10,7 @@ HELP = "Write a randomly initialised checkpoint of a preset (test, bench, qwen3-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output", help="checkpoint directory to create")
     parser.add_argument("--preset", default="test", help="model size preset (default: test)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (same seed, same model)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing directory")
 
 

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
-HELP = "Run the depth and odometry nodes in one process (MultiThreadedExecutor)."
+HELP = "Run the depth and odometry nodes in one process."
 
 #: node name -> (console script, "module:class"), as in launch/perception.launch.py
 NODES: Dict[str, tuple] = {
@@ -65,8 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params-file", default=None,
                         help=f"ROS parameter YAML (default: {PARAMS_FILE} of the package, if found)")
     parser.add_argument("--model", default="", help="checkpoint directory or hub id (sets the model parameter)")
-    parser.add_argument("--backend", choices=("transformers", "oracle"), default=None,
+    parser.add_argument("--backend", choices=("transformers", "server", "oracle"), default=None,
                         help="sets the backend parameter of both nodes")
+    parser.add_argument("--server-url", default="", metavar="URL",
+                        help="sets server.url of both nodes (backend server: an OpenAI-compatible vLLM / SGLang server)")
     for name, (_, default) in TOPICS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=default,
                             help=f"topic remapped to the nodes' {name} (default {default})")
@@ -95,6 +97,8 @@ def ros_arguments(args: argparse.Namespace) -> List[str]:
         out += ["-p", f"model:={args.model}"]
     if args.backend:
         out += ["-p", f"backend:={args.backend}"]
+    if getattr(args, "server_url", ""):
+        out += ["-p", f"server.url:={args.server_url}"]
     out += ["-p", f"use_sim_time:={'true' if args.use_sim_time else 'false'}"]
     out += ["-p", f"managed:={'true' if args.managed else 'false'}"]
     for name, (topic, _) in TOPICS.items():

@@ -35,7 +35,6 @@ ACK_TIMEOUT_S = 5.0
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("bag", metavar="BAG", type=Path, help="rosbag2 directory")
     parser.add_argument("--rate", type=float, default=1.0, help="playback speed factor (default 1.0)")
     parser.add_argument("--loop", action="store_true", help="play again from the start at the end")
@@ -113,6 +112,9 @@ def _play(args: argparse.Namespace) -> int:
             raise PlayError(f"bag {args.bag} has no topic {', '.join(missing)}; it has {', '.join(topics) or 'none'}")
         topics = {t: topics[t] for t in args.topics}
 
+    from ..ros.dds import use_large_shared_memory
+
+    use_large_shared_memory()  # camera-sized messages through shared memory without losses (see ros/dds.py)
     import rclpy
     from rclpy.context import Context
     from rclpy.duration import Duration

@@ -1,9 +1,10 @@
 """Reader for Microsoft 7-Scenes RGB-D sequences.
 
-Layout accepted: a directory holding ``frame-NNNNNN.color.png``, ``frame-NNNNNN.depth.png`` and
-``frame-NNNNNN.pose.txt`` files, either directly (the original ``seq-XX`` folders) or in an
-``rgbd-frames/`` subfolder (the tsdf-fusion demo packaging), with an optional
-``camera-intrinsics.txt`` (3x3 K) next to them or one level up.
+Layout accepted: a directory holding ``frame-NNNNNN.color.png`` (or ``.color.jpg``),
+``frame-NNNNNN.depth.png`` and ``frame-NNNNNN.pose.txt`` files, either directly (the original
+``seq-XX`` folders) or in an ``rgbd-frames/`` subfolder (the tsdf-fusion demo packaging, whose
+colour frames are JPEG), with an optional ``camera-intrinsics.txt`` (3x3 K) next to them or one
+level up.
 
 Values returned follow the package conventions (see :mod:`vlm3_ros.geometry`):
 
@@ -103,7 +104,7 @@ class SevenScenes:
         return iter(self.frame_ids)
 
     def path(self, frame_id: int, kind: str) -> Path:
-        """Path of ``frame-NNNNNN.{kind}`` (kind: ``color.png``, ``depth.png``, ``pose.txt``)."""
+        """Path of ``frame-NNNNNN.{kind}`` (kind: ``color.png``, ``color.jpg``, ``depth.png``, ``pose.txt``)."""
         if int(frame_id) not in self.frame_ids:
             raise DatasetError(
                 f"frame {frame_id} not in this sequence "
@@ -114,8 +115,10 @@ class SevenScenes:
     # -- per-frame data ---------------------------------------------------------------------
 
     def load_rgb(self, frame_id: int) -> np.ndarray:
-        """``(H, W, 3)`` uint8 RGB image."""
+        """``(H, W, 3)`` uint8 RGB image (``color.png``, else ``color.jpg``)."""
         p = self.path(frame_id, "color.png")
+        if not p.is_file() and self.path(frame_id, "color.jpg").is_file():
+            p = self.path(frame_id, "color.jpg")
         bgr = cv2.imread(str(p), cv2.IMREAD_COLOR)
         if bgr is None:
             raise DatasetError(f"cannot read colour image {p}")

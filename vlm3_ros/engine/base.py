@@ -137,5 +137,9 @@ class Backend(abc.ABC):
         """A short description for diagnostics."""
         return {"backend": self.name, "tasks": sorted(self.specs)}
 
+    def health(self) -> dict[str, Any]:
+        """Live state for diagnostics (a remote backend's connection); empty for in-process backends."""
+        return {}
+
     def close(self) -> None:  # pragma: no cover - default no-op
         """Release resources."""

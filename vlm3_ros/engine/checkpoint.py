@@ -8,12 +8,13 @@ configuration with the PIL image processor, so no video processor (and no torchv
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from .. import protocol
 from .base import EngineError
@@ -140,6 +141,20 @@ def _load_processor(path: Path, model_type: str):
     return processor_class(model_type)(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
 
 
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Loading a checkpoint prints no progress bar (transformers shows one per load otherwise)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def pick_device_dtype(device: str | None = "auto", dtype: str | None = "auto"):
     """``auto`` -> CUDA + bfloat16 when available, else CPU + float32."""
     import torch
@@ -182,7 +197,8 @@ def load_checkpoint(
     dev, torch_dtype = pick_device_dtype(device, dtype)
     try:
         processor = _load_processor(path, model_type)
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+        with _no_progress_bars():
+            model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
     except EngineError:
         raise
     except Exception as exc:
@@ -191,7 +207,12 @@ def load_checkpoint(
         model = _merge_adapter(model, Path(adapter))
     model = model.to(dev).eval()
     # An adapter trained for other task specs carries its own protocol file; it takes precedence.
-    specs = (protocol.load_protocol(adapter) if adapter is not None else None) or protocol.load_protocol(path)
+    try:
+        specs = (protocol.load_protocol(adapter) if adapter is not None else None) or protocol.load_protocol(path)
+    except (protocol.ProtocolError, KeyError, TypeError, ValueError) as exc:
+        where = adapter if adapter is not None and (Path(adapter) / protocol.PROTOCOL_FILENAME).is_file() else path
+        raise EngineError(f"{Path(where) / protocol.PROTOCOL_FILENAME} is not a usable protocol file: "
+                          f"{type(exc).__name__}: {exc}") from None
     return LoadedCheckpoint(
         path=path,
         model=model,

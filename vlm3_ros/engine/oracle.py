@@ -9,6 +9,7 @@ truth, and a model can be compared live against a depth sensor.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Mapping
 
@@ -18,9 +19,19 @@ from .. import objects, protocol
 from ..protocol import ProtocolError, TaskSpec
 from .base import Backend, EngineError, GroundTruth, Request, Response
 
-__all__ = ["OracleBackend", "UNKNOWN_ANSWER"]
+__all__ = ["OracleBackend", "UNKNOWN_ANSWER", "is_unknown_answer"]
 
 UNKNOWN_ANSWER = "<think> There is no reference value at this pixel. </think><answer> unknown </answer>"
+_UNKNOWN = re.compile(r"<answer>\s*unknown\s*</answer>\s*$")
+
+
+def is_unknown_answer(text: str | None) -> bool:
+    """True for an answer saying there is no reference value (the oracle's :data:`UNKNOWN_ANSWER`).
+
+    Such answers are not parse failures: the question has no ground truth (a hole in the depth
+    image, a pixel leaving the second view).
+    """
+    return text is not None and _UNKNOWN.search(text) is not None
 
 
 class OracleBackend(Backend):

@@ -249,7 +249,8 @@ def prefill_prefix(model: torch.nn.Module, prefix: PrefixInputs, timings: dict[s
         mm_encoder_outputs=encoder_outputs,
         use_cache=True,
     )
-    cache = out.past_key_values
+    # transformers >= 5.2x names the output ``cache`` (``past_key_values`` still works, with a warning).
+    cache = out["cache"] if "cache" in out else out["past_key_values"]
     kv = [(layer.keys, layer.values) for layer in cache.layers]
     rope_delta = int(inner.rope_deltas.reshape(-1)[0]) if getattr(inner, "rope_deltas", None) is not None else 0
     t2 = _now(device)

@@ -2,24 +2,31 @@
 
 Nodes running in one process (``vlm3-ros perception``) ask :func:`shared_backend` for a backend
 by its settings; a checkpoint that serves several tasks (depth, correspondence and pose) is
-loaded once and the same instance is handed to every node and task. Calls are serialised by a
-lock per backend: one model answers one request at a time, whichever node asks. Each
-:func:`shared_backend` call takes a reference that :func:`release` gives back (a node's lifecycle
-cleanup); the last one closes the backend and drops it, so the model is freed.
+loaded once and the same instance is handed to every node and task. Calls to an in-process model
+are serialised by a lock per backend: one model answers one request at a time, whichever node
+asks. A server backend is not serialised: nodes sharing it send their frames side by side and the
+server batches them (its client bounds the requests in flight). Each :func:`shared_backend` call
+takes a reference that :func:`release` gives back (a node's lifecycle cleanup); the last one
+closes the backend and drops it, so the model is freed.
+
+A server fault (:class:`~vlm3_ros.engine.server_backend.ServerError`) names its diagnostic kind;
+:func:`failure_kind` gives the kind a frame is counted under, :func:`check_task` lets a node start
+while its server is still down, :func:`health_values` puts the connection state on /diagnostics.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from ..engine import Backend, EngineError, Request, Response, load_backend
 
-__all__ = ["BackendSettings", "SharedBackend", "clear_cache", "register", "release", "settings_from_params",
-           "shared_backend"]
+__all__ = ["BackendSettings", "SharedBackend", "check_task", "clear_cache", "failure_kind", "health_values", "register",
+           "release", "settings_from_params", "shared_backend"]
 
 
 @dataclass(frozen=True)
@@ -33,10 +40,22 @@ class BackendSettings:
     dtype: str = "auto"
     max_batch: int = 64
     offline: bool = True
+    server_url: str = ""
+    server_model: str = ""
+    server_api_key_env: str = ""
+    server_protocol: str = ""
+    server_timeout: float = 30.0
+    server_concurrency: int = 64
+    server_retries: int = 2
+    server_backoff: float = 0.5
 
     def key(self) -> Tuple[Any, ...]:
         if self.backend == "oracle":
             return ("oracle",)
+        if self.backend == "server":
+            return ("server", self.server_url.rstrip("/"), self.server_model, self.server_api_key_env,
+                    self.server_protocol, self.server_timeout, self.server_concurrency, self.server_retries,
+                    self.server_backoff)
         model = os.path.realpath(self.model) if os.path.exists(self.model) else self.model
         adapter = os.path.realpath(self.adapter) if self.adapter and os.path.exists(self.adapter) else self.adapter
         return (self.backend, model, adapter, self.device, self.dtype, self.max_batch, self.offline)
@@ -44,7 +63,15 @@ class BackendSettings:
     def describe(self) -> str:
         if self.backend == "oracle":
             return "oracle"
+        if self.backend == "server":
+            return f"server:{self.server_url}" + (f" ({self.server_model})" if self.server_model else "")
         return f"{self.backend}:{self.model}" + (f"+{self.adapter}" if self.adapter else "")
+
+
+#: server parameter (``server.<name>``) -> its type, as BackendSettings.server_<name>
+_SERVER_FIELDS: Dict[str, Callable[[Any], Any]] = {
+    "url": str, "model": str, "api_key_env": str, "protocol": str, "timeout": float, "concurrency": int,
+    "retries": int, "backoff": float}
 
 
 def settings_from_params(values: Mapping[str, Any], model: Optional[str] = None) -> BackendSettings:
@@ -57,16 +84,19 @@ def settings_from_params(values: Mapping[str, Any], model: Optional[str] = None)
         dtype=str(values["dtype"]),
         max_batch=int(values["max_batch"]),
         offline=bool(values["offline"]),
+        **{f"server_{name}": kind(values[f"server.{name}"]) for name, kind in _SERVER_FIELDS.items()
+           if f"server.{name}" in values},
     )
 
 
 class SharedBackend(Backend):
-    """A backend whose :meth:`answer` calls are serialised (several nodes, one model)."""
+    """A backend shared by several nodes; its :meth:`answer` calls are serialised when ``serialise``
+    (one in-process model), else passed straight through (a server batches them itself)."""
 
-    def __init__(self, inner: Backend) -> None:
+    def __init__(self, inner: Backend, serialise: bool = True) -> None:
         self.inner = inner
         self.name = inner.name
-        self._lock = threading.Lock()
+        self._lock: Any = threading.Lock() if serialise else contextlib.nullcontext()
 
     @property
     def specs(self) -> Mapping[str, Any]:
@@ -78,6 +108,9 @@ class SharedBackend(Backend):
 
     def describe(self) -> Dict[str, Any]:
         return self.inner.describe()
+
+    def health(self) -> Dict[str, Any]:
+        return self.inner.health()
 
     def close(self) -> None:
         self.inner.close()
@@ -98,6 +131,8 @@ def shared_backend(settings: BackendSettings) -> SharedBackend:
     """
     if settings.backend == "transformers" and not settings.model:
         raise EngineError("backend 'transformers' needs the model parameter (a checkpoint directory or hub id)")
+    if settings.backend == "server" and not settings.server_url:
+        raise EngineError("backend 'server' needs the server.url parameter (e.g. http://127.0.0.1:8000/v1)")
     key = settings.key()
     with _CACHE_LOCK:
         if key in _CACHE:
@@ -111,11 +146,16 @@ def shared_backend(settings: BackendSettings) -> SharedBackend:
                 return _CACHE[key]
         if settings.backend == "oracle":
             inner = load_backend("oracle")
+        elif settings.backend == "server":
+            inner = load_backend("server", url=settings.server_url, model=settings.server_model,
+                                 api_key_env=settings.server_api_key_env, timeout=settings.server_timeout,
+                                 concurrency=settings.server_concurrency, retries=settings.server_retries,
+                                 backoff=settings.server_backoff, protocol_source=settings.server_protocol or None)
         else:
             inner = load_backend(settings.backend, checkpoint=settings.model, adapter=settings.adapter or None,
                                  device=settings.device, dtype=settings.dtype, max_batch=settings.max_batch,
                                  offline=settings.offline)
-        shared = SharedBackend(inner)
+        shared = SharedBackend(inner, serialise=settings.backend != "server")
         with _CACHE_LOCK:
             _CACHE[key] = shared
             _REFS[key] = 1
@@ -163,3 +203,36 @@ def clear_cache() -> None:
             backend.close()
         except Exception:  # noqa: BLE001
             pass
+
+
+def failure_kind(exc: BaseException, default: str = "backend_error") -> str:
+    """The diagnostic kind a frame failed by ``exc`` is counted under (a server fault names its own)."""
+    kind = getattr(exc, "kind", None)
+    return kind if isinstance(exc, EngineError) and isinstance(kind, str) and kind else default
+
+
+def check_task(backend: Backend, task: str, logger: Any = None) -> None:
+    """Fail early when ``backend`` does not serve ``task``. A server that cannot be asked (down,
+    starting, refusing the request) is not a failure: the node starts, counts its frames under the
+    fault's kind, and checks the task again with each frame until the server answers."""
+    try:
+        backend.spec(task)
+    except EngineError as exc:
+        if failure_kind(exc, "") == "":
+            raise
+        if logger is not None:
+            logger.warning(f"{failure_kind(exc)}: {exc}; serving {task} once the server answers")
+
+
+def health_values(backends: Mapping[str, Optional[Backend]]) -> Dict[str, Any]:
+    """Diagnostics key/values of the distinct backends in ``backends`` (name -> backend); keys get a
+    ``.name`` suffix when several distinct backends report."""
+    distinct: Dict[int, Tuple[str, Backend]] = {}
+    for name, backend in backends.items():
+        if backend is not None and id(backend) not in distinct:
+            distinct[id(backend)] = (name, backend)
+    reports = [(name, backend.health()) for name, backend in distinct.values()]
+    reports = [(name, values) for name, values in reports if values]
+    if len(reports) == 1:
+        return dict(reports[0][1])
+    return {f"{key}.{name}": value for name, values in reports for key, value in values.items()}

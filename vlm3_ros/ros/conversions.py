@@ -31,6 +31,7 @@ from ..odometry import pose_to_xyz_quaternion
 __all__ = [
     "FrameRejected",
     "HAS_CV_BRIDGE",
+    "MAX_ASPECT_RATIO",
     "camera_info_msg",
     "check_image_size",
     "cloud_msg",
@@ -38,6 +39,7 @@ __all__ = [
     "header",
     "image_msg",
     "image_rgb",
+    "image_size",
     "intrinsics_for",
     "odometry_msg",
     "pose_matrix",
@@ -69,6 +71,9 @@ def _cv_bridge() -> Any:
 
 HAS_CV_BRIDGE = _cv_bridge() is not None
 _BRIDGE_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8")
+#: Longest side / shortest side an image may have: the Qwen-VL image processors refuse anything
+#: longer (``smart_resize``: "absolute aspect ratio must be smaller than 200").
+MAX_ASPECT_RATIO = 200.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -123,12 +128,30 @@ def image_rgb(msg: Any, *, use_cv_bridge: Optional[bool] = None) -> np.ndarray:
         raise FrameRejected("bad_image", f"image: {exc}") from None
 
 
-def depth_metres(msg: Any) -> np.ndarray:
-    """Reference depth image (16UC1 mm or 32FC1 m) -> float32 metres along z, NaN unknown."""
+def image_size(msg: Any) -> tuple[int, int]:
+    """``(width, height)`` of an Image or CompressedImage without decoding any pixel (kind ``bad_image``)."""
+    if hasattr(msg, "format") and not hasattr(msg, "encoding"):
+        try:
+            return msg_codec.compressed_size(msg)
+        except msg_codec.MessageError as exc:
+            raise FrameRejected("bad_image", f"image: {exc}") from None
+    return int(msg.width), int(msg.height)
+
+
+def depth_metres(msg: Any, max_depth: Optional[float] = None) -> np.ndarray:
+    """Reference depth image (16UC1 mm or 32FC1 m) -> float32 metres along z, NaN unknown.
+
+    Values beyond ``max_depth`` (metres) are unknown too: a reference is never trusted farther
+    than the nodes use depths.
+    """
     try:
-        return msg_codec.depth_to_metres(msg)
+        depth = msg_codec.depth_to_metres(msg)
     except msg_codec.MessageError as exc:
         raise FrameRejected("bad_reference_depth", f"reference depth: {exc}") from None
+    if max_depth is not None:
+        with np.errstate(invalid="ignore"):
+            depth[depth > max_depth] = np.nan
+    return depth
 
 
 def image_msg(array_: np.ndarray, encoding: str, hdr: Header) -> Image:
@@ -137,12 +160,18 @@ def image_msg(array_: np.ndarray, encoding: str, hdr: Header) -> Image:
                  is_bigendian=int(fields["is_bigendian"]), step=fields["step"], data=_bytes(fields["data"]))
 
 
-def check_image_size(width: int, height: int, *, min_side: int, max_side: int) -> None:
-    """Reject images outside [min_side, max_side] pixels per side (kind ``image_size``)."""
+def check_image_size(width: int, height: int, *, min_side: int, max_side: int,
+                     max_aspect: float = MAX_ASPECT_RATIO) -> None:
+    """Reject images outside [min_side, max_side] pixels per side, or longer than ``max_aspect``
+    times their width or height (kind ``image_size``)."""
     if width > max_side or height > max_side:
         raise FrameRejected("image_size", f"image {width}x{height} exceeds max_image_side {max_side}")
     if width < min_side or height < min_side:
         raise FrameRejected("image_size", f"image {width}x{height} is below min_image_side {min_side}")
+    if max(width, height) > max_aspect * max(min(width, height), 1):
+        raise FrameRejected("image_size", f"image {width}x{height} has an aspect ratio of "
+                            f"{max(width, height) / max(min(width, height), 1):.0f}:1; the vision models take at "
+                            f"most {max_aspect:.0f}:1")
 
 
 def intrinsics_for(info: Any, width: int, height: int) -> Intrinsics:

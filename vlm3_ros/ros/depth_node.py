@@ -45,7 +45,7 @@ from ..camera import CameraError
 from ..completion import AdaptiveConfig
 from ..engine import Backend
 from ..odometry import select_query_pixels
-from ..pipeline import DenseResult, DepthEstimator, dense_rounds
+from ..pipeline import DenseResult, DepthEstimator, dense_rounds, is_parse_failure
 from . import backends as backend_cache
 from .conversions import FrameRejected, cloud_msg, header, image_msg
 from .node_base import PerceptionNode
@@ -83,8 +83,9 @@ class DepthNode(PerceptionNode):
         return ("reference_depth",) if values["backend"] == "oracle" else ()
 
     def diagnostic_values(self) -> Dict[str, Any]:
-        """The last dense frame: questions per round and the share of pixels kept in depth/dense."""
-        return dict(self._dense_stats)
+        """The backend's connection state (server backend) and the last dense frame: questions per
+        round and the share of pixels kept in depth/dense."""
+        return {**backend_cache.health_values({"depth": self.backend}), **self._dense_stats}
 
     def backend_description(self) -> str:
         return backend_cache.settings_from_params(self.params.snapshot()).describe()
@@ -94,7 +95,8 @@ class DepthNode(PerceptionNode):
             self.backend = self._given_backend
         else:
             self.backend = backend_cache.shared_backend(backend_cache.settings_from_params(self.params.snapshot()))
-        self.backend.spec("depth")  # fails early, naming the tasks served, if the model has no depth task
+        # fails early, naming the tasks served, if the model has no depth task (a server still down: at the first frame)
+        backend_cache.check_task(self.backend, "depth", self.get_logger())
         self.get_logger().info(f"depth backend ready: {self.backend.describe()}")
 
     def teardown(self) -> None:
@@ -104,12 +106,13 @@ class DepthNode(PerceptionNode):
         self._estimator = self._estimator_key = None
 
     def _depth_estimator(self, values: Dict[str, Any]) -> DepthEstimator:
-        key = (values["depth_kind"], values["max_new_tokens"])
+        key = (values["depth_kind"], values["max_new_tokens"], values["max_depth"])
         if self._estimator is None or key != self._estimator_key:
             spec = self.backend.spec("depth")
             if values["depth_kind"] != "spec":
                 spec = spec.with_options(depth_kind=values["depth_kind"])
-            self._estimator = DepthEstimator(self.backend, spec=spec, max_new_tokens=values["max_new_tokens"])
+            self._estimator = DepthEstimator(self.backend, spec=spec, max_new_tokens=values["max_new_tokens"],
+                                             max_depth=values["max_depth"])
             self._estimator_key = key
         return self._estimator
 
@@ -120,7 +123,7 @@ class DepthNode(PerceptionNode):
         height, width = rgb.shape[:2]
         if not info.header.frame_id:
             raise FrameRejected("bad_camera_info", "camera_info has an empty frame_id; outputs need the optical frame")
-        reference = self.reference_depth(messages, width, height)
+        reference = self.reference_depth(messages, width, height, values["max_depth"])
         estimator = self._depth_estimator(values)
         dense_on = values["dense.enabled"] or values["dense.cloud"]
         total = values["query_count"]
@@ -138,11 +141,14 @@ class DepthNode(PerceptionNode):
         except CameraError as exc:
             raise FrameRejected("bad_camera_info", f"the depth task cannot prepare this camera: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - a model failure must not end the node
-            raise FrameRejected("backend_error", f"{type(exc).__name__}: {exc}") from None
+            raise FrameRejected(backend_cache.failure_kind(exc), f"{type(exc).__name__}: {exc}") from None
+        if result.response is not None:
+            self.stats.backend_time(result.response.timings.get("total", float("nan")))
         failures = result.parse_failures
         asked = len(result.uv_query)
-        first_error = next((e for e in result.errors if e is not None and not e.startswith("outside")), None)
+        first_error = next((e for e in result.errors if is_parse_failure(e)), None)
         self.stats.parse_failed(failures, first_error)
+        self.stats.unreferenced(result.no_reference)
         valid = result.valid
         if not valid.any():
             reason = f"none of {asked} answers could be used" + (f" ({failures} unparseable, e.g. {first_error})"

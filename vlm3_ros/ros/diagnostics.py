@@ -4,10 +4,15 @@
 :meth:`NodeStats.status` turns them into one ``diagnostic_msgs/DiagnosticStatus`` per node:
 
 * level ERROR when the backend failed to load, WARN when frames were rejected, answers failed to
-  parse or frames were dropped since the previous report, OK otherwise;
+  parse, frames were dropped, messages arrived late or stamps jumped back since the previous
+  report, or a server backend's last request failed (``backend_connection``:
+  ``backend_unreachable``, ``backend_timeout``...), OK otherwise (answers the oracle has no
+  reference for are counted, not warned about);
 * key/values: backend and its state, input rate per stream, output rate, latency (mean, max over
-  the window), processed / dropped (busy) / unpaired counts, rejected frames per kind, parse
-  failures, the last problem.
+  the window; and its parts: waiting for the worker, processing, of which the backend's answer),
+  processed / dropped (busy) /
+  unpaired / late counts, time jumps, rejected frames per kind, parse failures, answers without
+  a reference value, the last problem.
 
 :class:`Throttle` limits repeated warnings per kind of problem.
 """
@@ -74,6 +79,8 @@ class NodeStats:
         self.published = 0
         self.rejected: Dict[str, int] = collections.Counter()
         self.parse_failures = 0
+        self.no_reference = 0
+        self.backend_times: Deque[tuple] = collections.deque()
         self.last_problem: Optional[str] = None
         self._reported: Dict[str, int] = {}
 
@@ -81,18 +88,30 @@ class NodeStats:
         with self._lock:
             self.inputs[stream].tick()
 
-    def served(self, latency: float) -> None:
-        """A frame was published, ``latency`` seconds after its messages were paired."""
+    def served(self, latency: float, wait: float = 0.0, process: float = 0.0) -> None:
+        """A frame was published, ``latency`` seconds after its messages were paired, of which it
+        waited ``wait`` for the worker and took ``process`` to serve."""
         now = time.monotonic()
         with self._lock:
             self.output.tick(now)
             self.published += 1
-            self.latencies.append((now, latency))
+            self.latencies.append((now, latency, wait, process))
 
     def reject(self, kind: str, message: str) -> None:
         with self._lock:
             self.rejected[kind] += 1
             self.last_problem = f"{kind}: {message}"
+
+    def backend_time(self, seconds: float) -> None:
+        """The backend took ``seconds`` to answer a frame's questions (inside the node's processing)."""
+        with self._lock:
+            self.backend_times.append((time.monotonic(), seconds))
+
+    def unreferenced(self, count: int) -> None:
+        """``count`` answers said there is no reference value at their pixel (the oracle's "unknown")."""
+        if count > 0:
+            with self._lock:
+                self.no_reference += count
 
     def parse_failed(self, count: int, message: Optional[str] = None) -> None:
         if count <= 0:
@@ -107,15 +126,25 @@ class NodeStats:
         with self._lock:
             while self.latencies and self.latencies[0][0] < now - self.window:
                 self.latencies.popleft()
-            lat = [v for _, v in self.latencies]
+            while self.backend_times and self.backend_times[0][0] < now - self.window:
+                self.backend_times.popleft()
+            lat = [v[1] for v in self.latencies]
+
+            def mean(values: list) -> float:
+                return sum(values) / len(values) if values else float("nan")
+
             return {
                 "input_rates": {s: m.rate(now) for s, m in self.inputs.items()},
                 "output_rate": self.output.rate(now),
-                "latency_mean": sum(lat) / len(lat) if lat else float("nan"),
+                "latency_mean": mean(lat),
                 "latency_max": max(lat) if lat else float("nan"),
+                "wait_mean": mean([v[2] for v in self.latencies]),
+                "process_mean": mean([v[3] for v in self.latencies]),
+                "backend_mean": mean([v for _, v in self.backend_times]),
                 "published": self.published,
                 "rejected": dict(self.rejected),
                 "parse_failures": self.parse_failures,
+                "no_reference": self.no_reference,
                 "last_problem": self.last_problem,
             }
 
@@ -126,33 +155,48 @@ class NodeStats:
         counts = {
             "dropped_busy": worker.dropped,
             "unpaired": sum(sync.counters.unpaired.values()),
+            "late": sum(sync.counters.late.values()),
+            "time_jumps": sync.counters.time_jumps,
             "rejected": sum(s["rejected"].values()),
             "parse_failures": s["parse_failures"],
             "backend_failed": int(worker.state == "failed"),
         }
         changed = {k: v - self._reported.get(k, 0) for k, v in counts.items()}
         self._reported = counts
+        warn_on = ("rejected", "parse_failures", "dropped_busy", "unpaired", "late", "time_jumps")
         if worker.state == "failed":
             level, message = DiagnosticStatus.ERROR, f"backend failed: {worker.error}"
-        elif any(changed[k] > 0 for k in ("rejected", "parse_failures", "dropped_busy", "unpaired")):
-            problems = [k for k in ("rejected", "parse_failures", "dropped_busy", "unpaired") if changed[k] > 0]
+        elif any(changed[k] > 0 for k in warn_on):
+            problems = [k for k in warn_on if changed[k] > 0]
             level, message = DiagnosticStatus.WARN, f"{worker.state}; since last report: " + ", ".join(
                 f"{changed[k]} {k}" for k in problems)
         else:
             level, message = DiagnosticStatus.OK, worker.state
+        connection = str((extra or {}).get("backend_connection", "connected"))
+        if level != DiagnosticStatus.ERROR and connection not in ("connected", "not contacted"):
+            # A remote backend's last request failed (unreachable, timeout...): say so first.
+            level = DiagnosticStatus.WARN
+            message = f"backend {connection}; {message}"
         values = {
             "backend": backend,
             "backend_state": worker.state,
             "output_rate_hz": f"{s['output_rate']:.3f}",
             "latency_mean_ms": f"{1e3 * s['latency_mean']:.1f}",
             "latency_max_ms": f"{1e3 * s['latency_max']:.1f}",
+            "wait_ms_mean": f"{1e3 * s['wait_mean']:.1f}",
+            "process_ms_mean": f"{1e3 * s['process_mean']:.1f}",
+            "backend_ms_mean": f"{1e3 * s['backend_mean']:.1f}",
             "frames_submitted": worker.submitted,
             "frames_processed": worker.processed,
             "frames_published": s["published"],
             "dropped_busy": worker.dropped,
             "parse_failures": s["parse_failures"],
+            "no_reference": s["no_reference"],
             "frames_rejected": counts["rejected"],
             "sets_paired": sync.counters.paired,
+            "unpaired": counts["unpaired"],
+            "late": counts["late"],
+            "time_jumps": counts["time_jumps"],
         }
         for stream, rate in s["input_rates"].items():
             values[f"input_rate_hz.{stream}"] = f"{rate:.3f}"
@@ -160,6 +204,8 @@ class NodeStats:
             values[f"received.{stream}"] = n
         for stream, n in sync.counters.unpaired.items():
             values[f"unpaired.{stream}"] = n
+        for stream, n in sync.counters.late.items():
+            values[f"late.{stream}"] = n
         for kind, n in sorted(s["rejected"].items()):
             values[f"rejected.{kind}"] = n
         values.update(extra or {})

@@ -38,7 +38,8 @@ from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackRet
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
 from ..camera import Intrinsics
-from .conversions import FrameRejected, check_image_size, depth_metres, image_rgb, intrinsics_for, stamp_ns
+from ..engine import EngineError
+from .conversions import FrameRejected, check_image_size, depth_metres, image_rgb, image_size, intrinsics_for, stamp_ns
 from .diagnostics import NodeStats, Throttle
 from .params import Param, ParameterGuard, declare
 from .qos import SMALL_MESSAGE_DEPTH, InputSubscription, stream_qos
@@ -51,6 +52,9 @@ __all__ = ["NodeStartError", "PerceptionNode"]
 INPUT_RECHECK_PERIOD = 0.5
 #: Longest wait of deactivate for a frame in flight (s).
 DEACTIVATE_TIMEOUT = 60.0
+
+#: Seconds a node waits at shutdown for the frame in progress (a CPU model can take several seconds).
+STOP_TIMEOUT_S = 30.0
 
 
 class NodeStartError(RuntimeError):
@@ -82,13 +86,11 @@ class PerceptionNode(LifecycleNode):
         self.stats = NodeStats(self.get_fully_qualified_name(), self.streams)
         self.input_qos = stream_qos(values["input_reliability"], values["input_depth"])
         self.output_qos = stream_qos(values["output_reliability"], values["output_depth"])
-        self._newest_ns: Optional[int] = None
-        self.time_jumps = 0
-        self._jump_pending = False
+        self._epoch = 0  # the sync's timeline of the last frame served (see _run_frame)
         self.lifecycle_state = "unconfigured"
         self.start_error = ""
-        # Input callbacks only pair messages (thread-safe); in a reentrant group a multi-threaded
-        # executor runs them side by side, so a busy image callback never starves camera_info.
+        # Input callbacks only pair messages (thread-safe, no decoding: the worker decodes the one frame
+        # it serves); in a reentrant group a multi-threaded executor may also run them side by side.
         self.input_group = ReentrantCallbackGroup()
         #: stream -> its subscription, opened by activate and closed by deactivate
         self.inputs: Dict[str, InputSubscription] = {}
@@ -117,6 +119,9 @@ class PerceptionNode(LifecycleNode):
         """Cross-parameter checks of a candidate set; an error message rejects it."""
         if values["backend"] == "transformers" and not values.get("model"):
             return "backend 'transformers' needs the model parameter (a checkpoint directory or hub id)"
+        if values["min_image_side"] > values["max_image_side"]:
+            return (f"min_image_side {values['min_image_side']} is larger than max_image_side "
+                    f"{values['max_image_side']}: every image would be rejected")
         return None
 
     def params_changed(self, names: Sequence[str]) -> None:
@@ -133,7 +138,9 @@ class PerceptionNode(LifecycleNode):
         raise NotImplementedError
 
     def time_jumped(self) -> None:
-        """Stamps went back in time by more than ``sync_expiry`` (a bag restarted): forget state tied to time."""
+        """A stream's stamps went back by more than ``sync_expiry`` (a bag restarted): forget state tied to time.
+
+        Called on the worker thread before the first frame of the new timeline."""
 
     def diagnostic_values(self) -> Dict[str, Any]:
         """Extra key/values for the node's diagnostics."""
@@ -159,7 +166,9 @@ class PerceptionNode(LifecycleNode):
                 raise NodeStartError(f"{self.get_name()} could not {name}: {self.start_error or 'see the log'}")
 
     def destroy_node(self) -> None:
-        self._deactivate(wait=False)  # the worker stops within 2 s (after its current frame) in _cleanup
+        # The frame in progress finishes first (in _cleanup, up to STOP_TIMEOUT_S): a worker left inside
+        # the model while the process exits aborts it (torch's threads are torn down under it).
+        self._deactivate(wait=False)
         self._cleanup()
         super().destroy_node()
 
@@ -232,7 +241,7 @@ class PerceptionNode(LifecycleNode):
     def _cleanup(self) -> None:
         if self._loaded:
             self._loaded = False
-            self.worker.stop(timeout=2.0)
+            self.worker.stop(timeout=STOP_TIMEOUT_S)
             self.teardown()
             self.sync.clear()
         self.lifecycle_state = "unconfigured"
@@ -255,26 +264,28 @@ class PerceptionNode(LifecycleNode):
     def decode_frame(self, messages: Dict[str, Any], values: Dict[str, Any]) -> Tuple[Any, Intrinsics]:
         """The paired image as RGB and its intrinsics, after the size and calibration checks.
 
-        Raises :class:`FrameRejected`: ``image_size`` (outside min/max_image_side, checked before
+        Raises :class:`FrameRejected`: ``image_size`` (outside min/max_image_side or an aspect
+        ratio the models refuse; checked from the header, compressed images included, before any
         decoding), ``bad_image``, ``camera_info_size``, ``bad_camera_info``.
         """
         image, info = messages["image"], messages["camera_info"]
         limits = {"min_side": values["min_image_side"], "max_side": values["max_image_side"]}
-        if hasattr(image, "encoding"):
-            check_image_size(int(image.width), int(image.height), **limits)
+        check_image_size(*image_size(image), **limits)
         rgb = image_rgb(image)
         height, width = rgb.shape[:2]
         check_image_size(width, height, **limits)
         return rgb, intrinsics_for(info, width, height)
 
-    def reference_depth(self, messages: Dict[str, Any], width: int, height: int) -> Optional[Any]:
-        """The paired ``reference_depth`` in metres along z (None when there is none).
+    def reference_depth(self, messages: Dict[str, Any], width: int, height: int,
+                        max_depth: Optional[float] = None) -> Optional[Any]:
+        """The paired ``reference_depth`` in metres along z (None when there is none; pixels beyond
+        ``max_depth`` are unknown).
 
         Raises :class:`FrameRejected` ``reference_depth_size`` when it is not ``width`` x ``height``.
         """
         if "reference_depth" not in messages:
             return None
-        depth = depth_metres(messages["reference_depth"])
+        depth = depth_metres(messages["reference_depth"], max_depth)
         if depth.shape != (height, width):
             raise FrameRejected("reference_depth_size", f"reference depth is {depth.shape[1]}x{depth.shape[0]} "
                                 f"but the image is {width}x{height}")
@@ -306,44 +317,50 @@ class PerceptionNode(LifecycleNode):
             self.throttle.period = values["warn_throttle"]
         self.params_changed(names)
 
+    @property
+    def time_jumps(self) -> int:
+        """Times a stream's own stamps went back (a bag restarted); see :mod:`.sync`."""
+        return self.sync.counters.time_jumps
+
     def _on_message(self, stream: str, msg: Any) -> None:
+        # Runs for every message: only pairing by stamp here (a reference is kept, nothing decoded).
         self.stats.received(stream)
         try:
             stamp = stamp_ns(msg.header.stamp)
         except Exception as exc:  # noqa: BLE001 - a message without a usable header
             self.problem("bad_header", f"{stream} message has no usable header stamp: {exc}")
             return
-        last = self._newest_ns
-        if last is not None and stamp < last - self.sync.expiry_ns:
-            # Far behind everything seen: a bag started again (or the clock was reset).
-            self.time_jumps += 1
-            self.get_logger().warning(f"{stream} stamps jumped back by {(last - stamp) * 1e-9:.3f} s; restarting")
-            self.sync.clear()
-            self._jump_pending = True
-            self._newest_ns = stamp
-        else:
-            self._newest_ns = stamp if last is None else max(stamp, last)
-        paired = self.sync.add(stream, stamp, msg)
-        if paired is not None:
-            self.worker.submit((paired, time.perf_counter()))
+        offer = self.sync.offer(stream, stamp, msg)
+        if offer.jumped:
+            self.get_logger().warning(f"{stream} stamps went back: a new timeline (a bag played again?); "
+                                      "the nodes restart from its first frame")
+        elif offer.status == "late" and self.throttle.ready("late"):
+            self.get_logger().warning(f"late: a {stream} message {offer.behind_ns * 1e-9:.3f} s older than the frame "
+                                      "already served was dropped (counted as late)")
+        if offer.messages is not None:
+            self.worker.submit((offer.messages, time.perf_counter(), offer.epoch))
 
-    def _run_frame(self, item: Tuple[Any, Any]) -> None:
+    def _run_frame(self, item: Tuple[Any, Any, int]) -> None:
         if not self.active:  # paired before a deactivate: nothing is published while inactive
             return
-        messages, paired_at = item
-        if self._jump_pending:
-            self._jump_pending = False
+        messages, paired_at, epoch = item
+        if epoch != self._epoch:
+            self._epoch = epoch
             self.time_jumped()
+        started = time.perf_counter()
         try:
             published = self.process(messages)
         except FrameRejected as exc:
             self.problem(exc.kind, str(exc))
             return
         if published:
-            self.stats.served(time.perf_counter() - paired_at)
+            now = time.perf_counter()
+            self.stats.served(now - paired_at, wait=started - paired_at, process=now - started)
 
     def _on_worker_error(self, item: Any, exc: BaseException) -> None:
-        self.problem("internal_error", f"{type(exc).__name__}: {exc}")
+        # A server fault raised outside process()'s own handling still counts under its kind.
+        kind = getattr(exc, "kind", None) if isinstance(exc, EngineError) else None
+        self.problem(kind or "internal_error", f"{type(exc).__name__}: {exc}")
 
     def problem(self, kind: str, message: str, *, skipped: bool = True) -> None:
         """Count a problem of ``kind`` and warn about it (throttled per kind)."""
@@ -355,7 +372,7 @@ class PerceptionNode(LifecycleNode):
     def publish_diagnostics(self) -> None:
         status = self.stats.status(hardware_id=self.get_fully_qualified_name(), backend=self.backend_description(),
                                    worker=self.worker, sync=self.sync,
-                                   extra={"lifecycle_state": self.lifecycle_state, "time_jumps": self.time_jumps,
+                                   extra={"lifecycle_state": self.lifecycle_state,
                                           "parameter_rejections": self.params.rejected, **self.diagnostic_values()})
         msg = DiagnosticArray(status=[status])
         msg.header.stamp = self.get_clock().now().to_msg()

@@ -28,7 +28,7 @@ from vision_msgs.msg import Detection2DArray, Detection3DArray
 from visualization_msgs.msg import MarkerArray
 
 from ..camera import CameraError
-from ..engine import Backend
+from ..engine import Backend, EngineError
 from ..object_query import ObjectQuery
 from . import backends as backend_cache
 from .conversions import FrameRejected, header
@@ -76,7 +76,8 @@ class ObjectNode(PerceptionNode):
 
     def diagnostic_values(self) -> Dict[str, Any]:
         return {"objects_published": self.objects_published, "objects_unmeasured": self.objects_unmeasured,
-                "detections_dropped": self.detections_dropped}
+                "detections_dropped": self.detections_dropped,
+                **backend_cache.health_values({**self._backends, "given": self._given_backend})}
 
     # -- backends (worker thread) -----------------------------------------------------------------
 
@@ -87,14 +88,20 @@ class ObjectNode(PerceptionNode):
             values = self.params.snapshot()
             settings = backend_cache.settings_from_params(values, model=values[TASK_MODELS[task]] or None)
             backend = backend_cache.shared_backend(settings)
-            backend.spec(task)  # fails early, naming the tasks served
+            backend_cache.check_task(backend, task, self.get_logger())  # fails early, naming the tasks served
             self._backends[task] = backend
         return self._backends[task]
 
     def setup(self) -> None:
         for task in TASK_MODELS:
             self._backend(task)
-        self._object_query(self.params.snapshot())  # fails early for an object spec without these questions
+        try:
+            self._object_query(self.params.snapshot())  # fails early for an object spec without these questions
+        except EngineError as exc:
+            if backend_cache.failure_kind(exc, "") == "":
+                raise
+            # A server still down or starting: the node starts, counts its frames under the fault's kind.
+            self.get_logger().warning(f"{backend_cache.failure_kind(exc)}: {exc}; serving once the server answers")
         self.get_logger().info(f"object backends ready ({self.backend_description()})")
 
     def teardown(self) -> None:
@@ -136,7 +143,7 @@ class ObjectNode(PerceptionNode):
             self.problem("too_many_detections", f"{dropped} detection(s) beyond max_objects = "
                          f"{values['max_objects']} dropped (lowest scores)", skipped=False)
             detections = detections[: values["max_objects"]]
-        reference = self.reference_depth(messages, width, height)
+        reference = self.reference_depth(messages, width, height, values["max_depth"])
         measured = []
         if detections:
             try:
@@ -145,7 +152,7 @@ class ObjectNode(PerceptionNode):
             except CameraError as exc:
                 raise FrameRejected("bad_camera_info", f"the object task cannot prepare this camera: {exc}") from None
             except Exception as exc:  # noqa: BLE001 - a model failure must not end the node
-                raise FrameRejected("backend_error", f"{type(exc).__name__}: {exc}") from None
+                raise FrameRejected(backend_cache.failure_kind(exc), f"{type(exc).__name__}: {exc}") from None
             self.stats.parse_failed(result.parse_failures, result.first_error)
             for det, est in zip(detections, result.objects):
                 if est.valid:

@@ -42,9 +42,9 @@ from visualization_msgs.msg import Marker, MarkerArray
 
 from .. import geometry
 from ..camera import CameraError
-from ..engine import Backend
-from ..odometry import NoiseModel, OdometryConfig, OdometryError, OdometryFrame, OdometryUpdate, VisualOdometry, \
-    xyz_rotation_to_pose
+from ..engine import Backend, EngineError
+from ..odometry import LateFrame, NoiseModel, OdometryConfig, OdometryError, OdometryFrame, OdometryUpdate, \
+    VisualOdometry, xyz_rotation_to_pose
 from ..pipeline import CorrespondenceMatcher, DepthEstimator, PoseEstimator
 from . import backends as backend_cache
 from .conversions import FrameRejected, header, image_msg, odometry_msg, pose_matrix, stamp_seconds, \
@@ -65,12 +65,13 @@ def odometry_config(values: Dict[str, Any], T_base_camera: Optional[np.ndarray] 
     """The core's configuration from the node's parameter values (raises OdometryError)."""
     noise = NoiseModel(**{name: values[f"noise.{name}"] for name in (
         "rotation_deg", "direction_deg", "distance_rel", "translation_floor_m", "pixel_sigma", "depth_rel",
-        "lost_variance")})
+        "lost_variance", "initial_variance")})
     return OdometryConfig(
         mode=values["mode"], keyframe_interval=values["keyframe_interval"], query_count=values["query_count"],
         query_margin=values["query_margin"], query_method=values["query_method"], min_inliers=values["min_inliers"],
         ransac_px=values["ransac_px"], fusion_gate=values["fusion_gate"], noise=noise,
-        T_base_camera=T_base_camera if T_base_camera is not None else configured_extrinsic(values))
+        T_base_camera=T_base_camera if T_base_camera is not None else configured_extrinsic(values),
+        max_lost_frames=values["max_lost_frames"], max_depth=values["max_depth"])
 
 
 def configured_extrinsic(values: Dict[str, Any]) -> np.ndarray:
@@ -131,13 +132,14 @@ class OdometryNode(PerceptionNode):
 
     def backend_description(self) -> str:
         values = self.params.snapshot()
-        if values["backend"] == "oracle":
-            return "oracle"
+        if values["backend"] in ("oracle", "server"):
+            return backend_cache.settings_from_params(values).describe()
         return ", ".join(f"{task}={values[p] or values['model']}" for task, p in TASK_MODELS.items())
 
     def diagnostic_values(self) -> Dict[str, Any]:
         u = self.last_update
         out: Dict[str, Any] = {"tf_output": self.tf.backend, "extrinsic_source": self.extrinsic.source}
+        out.update(backend_cache.health_values({**self._backends, **self._given}))
         if u is not None:
             out.update({"status": u.status, "source": u.estimate.source if u.estimate else "",
                         "inliers": u.estimate.inliers if u.estimate else 0,
@@ -152,13 +154,31 @@ class OdometryNode(PerceptionNode):
         if task not in self._backends:
             values = self.params.snapshot()
             settings = backend_cache.settings_from_params(values, model=values[TASK_MODELS[task]] or None)
-            backend = self._backends[task] = backend_cache.shared_backend(settings)  # released by teardown
-            backend.spec(task)
+            self._backends[task] = backend_cache.shared_backend(settings)  # released by teardown
         return self._backends[task]
 
     def setup(self) -> None:
-        for task in MODE_TASKS[self.params["mode"]]:
-            self._backend(task)
+        values = self.params.snapshot()
+        tasks = MODE_TASKS[values["mode"]]
+        missing = []
+        for task in tasks:
+            backend = self._backend(task)
+            try:
+                served = backend.specs
+            except EngineError as exc:
+                if backend_cache.failure_kind(exc, "") == "":
+                    raise
+                # A server still down or starting: the node starts and checks with each frame.
+                self.get_logger().warning(f"{backend_cache.failure_kind(exc)}: {exc}; serving {task} once the server "
+                                          "answers")
+                continue
+            if task not in served:
+                source = "oracle" if values["backend"] == "oracle" else values[TASK_MODELS[task]] or values["model"]
+                missing.append(f"{task} ({TASK_MODELS[task]}: {source} serves {', '.join(sorted(backend.specs))})")
+        if missing:
+            raise EngineError(f"mode {values['mode']!r} needs the tasks {', '.join(tasks)}; not served: "
+                              f"{'; '.join(missing)}. Set mode to one the checkpoint serves, or give checkpoints "
+                              "for the others (correspondence_model, depth_model)")
         self.get_logger().info(f"odometry backends ready ({self.backend_description()})")
 
     def teardown(self) -> None:
@@ -207,7 +227,7 @@ class OdometryNode(PerceptionNode):
         if not camera_frame:
             raise FrameRejected("bad_camera_info", "camera_info has an empty frame_id and camera_frame is not set")
         reference_pose = pose_matrix(messages["reference_pose"]) if "reference_pose" in messages else None
-        reference_depth = self.reference_depth(messages, width, height)
+        reference_depth = self.reference_depth(messages, width, height, values["max_depth"])
         T_base_camera = self.extrinsic.lookup(values["base_frame"], camera_frame)
         vo = self._odometry(odometry_config(values, T_base_camera), values)
         if self._reset_requested:
@@ -215,18 +235,16 @@ class OdometryNode(PerceptionNode):
             vo.reset()
         frame = OdometryFrame(stamp_seconds(image.header.stamp), rgb, intrinsics, reference_depth, reference_pose)
         try:
-            try:
-                update = vo.process(frame)
-            except OdometryError as exc:  # stamps not increasing: start again from this frame
-                self.problem("stamp_order", f"{exc}; trajectory restarted", skipped=False)
-                vo.reset()
-                update = vo.process(frame)
+            update = vo.process(frame)
+        except LateFrame as exc:  # not after the keyframe: skip it, the trajectory goes on
+            raise FrameRejected("late", f"{exc}; the trajectory goes on") from None
         except CameraError as exc:
             raise FrameRejected("bad_camera_info", f"the odometry tasks cannot prepare this camera: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - a model failure must not end the node
-            raise FrameRejected("backend_error", f"{type(exc).__name__}: {exc}") from None
+            raise FrameRejected(backend_cache.failure_kind(exc), f"{type(exc).__name__}: {exc}") from None
         self.last_update = update
         self.stats.parse_failed(update.parse_failures, update.errors[0] if update.errors else None)
+        self.stats.unreferenced(update.no_reference)
         if update.status == "lost":
             self.problem("pose_lost", "; ".join(update.errors) or "no estimate",
                          skipped=not values["publish_on_failure"])

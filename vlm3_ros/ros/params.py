@@ -5,7 +5,8 @@ flag). :func:`declare` declares a table on a node with a ``ParameterDescriptor``
 ``IntegerRange`` / ``FloatingPointRange``, ``read_only`` where a change needs a restart, the
 choices in ``additional_constraints``). :class:`ParameterGuard` validates every later change in an
 on-set-parameters callback: a bad value is rejected with a message naming it and the old value is
-kept; accepted changes are handed to the node.
+kept; accepted changes are handed to the node. Changes rclpy itself refuses from the descriptors
+(type, range, read-only; our callback never sees them) are counted too, in a pre-set callback.
 
 The tables here are the single source of truth: ``config/perception.yaml`` documents exactly
 these parameters (a test checks that).
@@ -31,6 +32,7 @@ __all__ = [
     "ODOMETRY_NODE_PARAMS",
     "Param",
     "ParameterGuard",
+    "SERVER_PARAMS",
     "declare",
     "check_value",
 ]
@@ -112,6 +114,23 @@ def check_value(param: Param, value: Any) -> Optional[str]:
     return None
 
 
+def descriptor_violation(param: Param, type_: Any, value: Any) -> Optional[str]:
+    """What rclpy refuses from ``param``'s descriptor for a new value: read-only, type, range (or None)."""
+    from rclpy.parameter import Parameter
+
+    if type_ == Parameter.Type.NOT_SET:
+        return None
+    if param.read_only:
+        return f"{param.name} is read-only (it takes effect only at start)"
+    types = {"bool": Parameter.Type.BOOL, "int": Parameter.Type.INTEGER, "float": Parameter.Type.DOUBLE,
+             "str": Parameter.Type.STRING, "float_array": Parameter.Type.DOUBLE_ARRAY}
+    if type_ != types[param.kind]:
+        return f"{param.name} must be of type {param.kind}, got {value!r}"
+    if param.range is not None and not (param.range[0] <= value <= param.range[1]):
+        return f"{param.name} = {value} is outside [{param.range[0]}, {param.range[1]}]"
+    return None
+
+
 def _frame_name(name: str) -> Callable[[Any], Optional[str]]:
     def check(value: str) -> Optional[str]:
         if value.startswith("/") or any(c.isspace() for c in value):
@@ -142,10 +161,42 @@ def _vector(name: str, lengths: Sequence[int]) -> Callable[[Any], Optional[str]]
 # Tables
 # ------------------------------------------------------------------------------------------------
 
+def _server_url(value: str) -> Optional[str]:
+    if not value.startswith(("http://", "https://")):
+        return f"server.url must start with http:// or https://, got {value!r}"
+    return None
+
+
+def _variable_name(value: str) -> Optional[str]:
+    if value and not value.replace("_", "a").isalnum():
+        return f"server.api_key_env must name an environment variable (letters, digits, _), got {value!r}"
+    return None
+
+
+#: The server backend's parameters (backend: server): an OpenAI-compatible vLLM or SGLang server.
+SERVER_PARAMS: Tuple[Param, ...] = (
+    Param("server.url", "http://127.0.0.1:8000/v1", "Base URL of the OpenAI-compatible server (vLLM, SGLang) "
+          "for backend server.", read_only=True, check=_server_url),
+    Param("server.model", "", "Served model name (empty: the server's only model).", read_only=True),
+    Param("server.api_key_env", "", "Name of the environment variable holding the server's API key (empty: "
+          "none). The key itself is never a parameter and never logged.", read_only=True, check=_variable_name),
+    Param("server.protocol", "", "Checkpoint directory or vlm3_protocol.json with the task specs (empty: the "
+          "served model's directory when it is on this machine, else the built-in VLM3 specs).", read_only=True),
+    Param("server.timeout", 30.0, "Seconds one request may take before the frame counts as backend_timeout.",
+          read_only=True, range=(0.1, 3600.0)),
+    Param("server.concurrency", 64, "Requests in flight at most (all nodes of the process sharing the server).",
+          read_only=True, range=(1, 4096)),
+    Param("server.retries", 2, "Retries of a request after a transient fault (unreachable, timeout, 5xx).",
+          read_only=True, range=(0, 10)),
+    Param("server.backoff", 0.5, "Seconds before the first retry, doubled for each further one.",
+          read_only=True, range=(0.0, 60.0)),
+)
+
 BACKEND_PARAMS: Tuple[Param, ...] = (
-    Param("backend", "transformers", "Inference backend: transformers (a Qwen3-VL checkpoint in process) or "
-          "oracle (answers from the reference depth / pose topics, for validation).", read_only=True,
-          choices=("transformers", "oracle")),
+    Param("backend", "transformers", "Inference backend: transformers (a Qwen3-VL checkpoint in process), "
+          "server (an OpenAI-compatible vLLM / SGLang server, server.* parameters) or oracle (answers from "
+          "the reference depth / pose topics, for validation).", read_only=True,
+          choices=("transformers", "server", "oracle")),
     Param("model", "", "Checkpoint directory or hub id for the transformers backend (a checkpoint serving "
           "several tasks is loaded once per process).", read_only=True),
     Param("adapter", "", "Optional LoRA adapter directory merged into the model at load.", read_only=True),
@@ -155,7 +206,7 @@ BACKEND_PARAMS: Tuple[Param, ...] = (
     Param("max_batch", 64, "Questions decoded together at most (bounds memory).", read_only=True, range=(1, 4096)),
     Param("offline", True, "Resolve hub ids from the local cache only (never download).", read_only=True),
     Param("max_new_tokens", 48, "Tokens generated per answer at most.", range=(1, 4096)),
-)
+) + SERVER_PARAMS
 
 #: How the node starts (see vlm3_ros.ros.node_base).
 LIFECYCLE_PARAMS: Tuple[Param, ...] = (
@@ -178,8 +229,9 @@ INPUT_PARAMS: Tuple[Param, ...] = (
           read_only=True),
     Param("sync_tolerance", 0.0, "Largest stamp difference (s) between messages paired into one frame "
           "(0: exact stamps).", range=(0.0, 1.0)),
-    Param("sync_expiry", 1.0, "Unpaired messages older than this (s, message time) behind the newest are "
-          "dropped and counted.", range=(0.001, 60.0)),
+    Param("sync_expiry", 1.0, "A waiting message is dropped (counted unpaired) once a stream it still lacks has "
+          "moved this far (s, message time) past it; a stream's own stamps going back this far twice in a row is a "
+          "time jump.", range=(0.001, 60.0)),
     Param("max_image_side", 16384, "Images wider or taller than this (px) are rejected and counted.",
           range=(16, 16384)),
     Param("min_image_side", 16, "Images narrower or shorter than this (px) are rejected and counted.",
@@ -196,7 +248,14 @@ QUERY_PARAMS: Tuple[Param, ...] = (
           choices=("grid", "features")),
 )
 
-DEPTH_NODE_PARAMS: Tuple[Param, ...] = LIFECYCLE_PARAMS + BACKEND_PARAMS + INPUT_PARAMS + QUERY_PARAMS + (
+#: Plausibility limits of answered and reference depths (both nodes).
+DEPTH_LIMIT_PARAMS: Tuple[Param, ...] = (
+    Param("max_depth", 100.0, "Depths beyond this (m) are not used: answers farther away are left out of the "
+          "outputs, reference depth pixels beyond it are unknown, and a PnP motion longer than it is refused.",
+          range=(0.01, 1e6)),
+)
+
+DEPTH_NODE_PARAMS: Tuple[Param, ...] = LIFECYCLE_PARAMS + BACKEND_PARAMS + INPUT_PARAMS + QUERY_PARAMS + DEPTH_LIMIT_PARAMS + (
     Param("depth_kind", "spec", "What a depth answer measures: spec (as the checkpoint's task spec says; ray "
           "for VLM3), ray (distance from the camera centre) or z (along the optical axis).",
           choices=("spec", "ray", "z")),
@@ -219,7 +278,7 @@ DEPTH_NODE_PARAMS: Tuple[Param, ...] = LIFECYCLE_PARAMS + BACKEND_PARAMS + INPUT
           "a ground robot drives; 1 doubles its share).", range=(0.0, 10.0)),
 )
 
-ODOMETRY_NODE_PARAMS: Tuple[Param, ...] = LIFECYCLE_PARAMS + BACKEND_PARAMS + INPUT_PARAMS + QUERY_PARAMS + (
+ODOMETRY_NODE_PARAMS: Tuple[Param, ...] = LIFECYCLE_PARAMS + BACKEND_PARAMS + INPUT_PARAMS + QUERY_PARAMS + DEPTH_LIMIT_PARAMS + (
     Param("correspondence_model", "", "Checkpoint for the correspondence task (empty: model).", read_only=True),
     Param("depth_model", "", "Checkpoint for the depth answers used by PnP (empty: model).", read_only=True),
     Param("mode", "both", "Relative pose from: pose (the VLM3 pose questions), correspondence (correspondence "
@@ -259,6 +318,13 @@ ODOMETRY_NODE_PARAMS: Tuple[Param, ...] = LIFECYCLE_PARAMS + BACKEND_PARAMS + IN
           "(covariance growing by noise.lost_variance) instead of nothing."),
     Param("publish_debug_image", False, "Publish correspondences/image: keyframe and current frame side by "
           "side with the correspondences drawn (inliers green)."),
+) + (
+    # Lost frames and the first pose's covariance.
+    Param("max_lost_frames", 10, "Frames in a row that cannot be measured against the keyframe before the "
+          "current frame becomes the keyframe at the held pose (until then the next measured frame is measured "
+          "against the keyframe, so no motion is lost).", range=(1, 10000)),
+    Param("noise.initial_variance", 1e-6, "Variance of every axis of the first pose (odom is defined by it; a "
+          "small positive prior keeps the covariance positive definite for filters).", range=(1e-12, 100.0)),
 )
 
 # --- object node ---
@@ -269,7 +335,7 @@ def _max_new_tokens(default: int) -> Tuple[Param, ...]:
     return tuple(replace(p, default=default) if p.name == "max_new_tokens" else p for p in BACKEND_PARAMS)
 
 
-OBJECT_NODE_PARAMS: Tuple[Param, ...] = LIFECYCLE_PARAMS + _max_new_tokens(96) + INPUT_PARAMS + (
+OBJECT_NODE_PARAMS: Tuple[Param, ...] = LIFECYCLE_PARAMS + _max_new_tokens(96) + INPUT_PARAMS + DEPTH_LIMIT_PARAMS + (
     Param("depth_model", "", "Checkpoint for the depth questions inside each box (empty: model; the released "
           "VLM3-object checkpoint needs VLM3-depth here).", read_only=True),
     Param("depth_kind", "spec", "What a depth answer measures: spec (as the checkpoint's task spec says; ray "
@@ -340,6 +406,8 @@ class ParameterGuard:
         if error:
             raise ValueError(f"invalid parameters: {error}")
         node.add_on_set_parameters_callback(self._on_set)
+        if hasattr(node, "add_pre_set_parameters_callback"):  # rclpy Iron and later
+            node.add_pre_set_parameters_callback(self._pre_set)
 
     def snapshot(self) -> Dict[str, Any]:
         """A copy of the current values."""
@@ -377,6 +445,18 @@ class ParameterGuard:
         if changed and self._on_change is not None:
             self._on_change(changed)
         return SetParametersResult(successful=True)
+
+    def _pre_set(self, parameters: List[Any]) -> List[Any]:
+        """Count a change that rclpy will refuse from the descriptor before :meth:`_on_set` runs."""
+        for parameter in parameters:
+            param = self.table.get(parameter.name)
+            if param is None:
+                continue
+            reason = descriptor_violation(param, parameter.type_, parameter.value)
+            if reason:
+                self._reject(reason)
+                break
+        return parameters
 
     def _reject(self, reason: str) -> SetParametersResult:
         self.rejected += 1

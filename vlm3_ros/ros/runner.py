@@ -1,5 +1,11 @@
-"""Running nodes in one process: rclpy set up from command-line arguments, a MultiThreadedExecutor,
-clean shutdown on SIGINT / SIGTERM.
+"""Running nodes in one process: rclpy set up from command-line arguments, one executor, clean
+shutdown on SIGINT / SIGTERM.
+
+The executor is single-threaded: the nodes' callbacks only pair messages, answer parameter
+requests and publish diagnostics (inference runs on each node's worker thread). A
+MultiThreadedExecutor costs about 2.5 times more CPU per message in its own bookkeeping and
+holds the interpreter lock most of the time under a 30 Hz camera, slowing the worker threads
+(measured in BENCHMARKS.md); ``threads`` > 1 still selects one.
 
 Used by the ``depth_node`` and ``odometry_node`` console scripts (one node each) and by
 ``vlm3-ros perception`` (both nodes, sharing one loaded checkpoint).
@@ -20,7 +26,7 @@ __all__ = ["run_nodes"]
 
 
 def run_nodes(factories: Sequence[Callable[..., Any]], *, args: Optional[List[str]] = None,
-              duration: Optional[float] = None, threads: Optional[int] = None, autostart: bool = False) -> int:
+              duration: Optional[float] = None, threads: int = 1, autostart: bool = False) -> int:
     """Create a node per factory (called with ``context=``), spin them until shutdown.
 
     ``args`` are the process arguments (``--ros-args ...`` is honoured: parameters files,
@@ -28,11 +34,14 @@ def run_nodes(factories: Sequence[Callable[..., Any]], *, args: Optional[List[st
     ``autostart``: configure and activate nodes that were created managed (waiting unconfigured),
     as the launch file's ``autostart`` does. Returns the exit status.
     """
+    from .dds import use_large_shared_memory
+
+    use_large_shared_memory()  # camera-sized messages through shared memory without losses (see dds.py)
     from .node_base import NodeStartError
 
     import rclpy
     from rclpy.context import Context
-    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor, SingleThreadedExecutor
     from rclpy.signals import SignalHandlerOptions
 
     # Signals are handled here (not by rclpy): the executor is spun in short slices so a SIGINT or
@@ -40,7 +49,8 @@ def run_nodes(factories: Sequence[Callable[..., Any]], *, args: Optional[List[st
     context = Context()
     rclpy.init(args=args, context=context, signal_handler_options=SignalHandlerOptions.NO)
     nodes: List[Any] = []
-    executor = MultiThreadedExecutor(num_threads=threads, context=context)
+    executor = (MultiThreadedExecutor(num_threads=threads, context=context) if threads > 1
+                else SingleThreadedExecutor(context=context))
     stop = threading.Event()
 
     def _request_stop(*_: Any) -> None:

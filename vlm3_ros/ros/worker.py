@@ -26,7 +26,8 @@ class LatestWorker:
 
     ``on_error(item, exc)`` is called (on the worker thread) when ``process`` raises; the worker
     then goes on with the next item. ``setup`` failing puts the worker in state "failed"
-    (``error`` holds the message) and items are then dropped.
+    (``error`` holds the message); items are then refused, and not counted as dropped: the worker
+    is not busy, it cannot serve at all (the state says so).
     """
 
     def __init__(self, process: Callable[[Any], Any], *, name: str = "worker",
@@ -72,8 +73,10 @@ class LatestWorker:
     def submit(self, item: Any) -> bool:
         """Offer an item; returns True if it replaced (dropped) one still waiting."""
         with self._cond:
+            if self.state == "failed":
+                return False
             self.submitted += 1
-            if self._stop or self.state == "failed":
+            if self._stop:
                 self.dropped += 1
                 return True
             replaced = self._slot is not _EMPTY
@@ -110,11 +113,9 @@ class LatestWorker:
                 self._setup()
             except BaseException as exc:  # noqa: BLE001 - reported through state and error
                 self.error = f"{type(exc).__name__}: {exc}"
-                self.state = "failed"
                 with self._cond:
-                    if self._slot is not _EMPTY:
-                        self._slot = _EMPTY
-                        self.dropped += 1
+                    self.state = "failed"
+                    self._slot = _EMPTY  # never served: not a drop of a busy worker
                 return
             self.state = "ready"
         while True:
