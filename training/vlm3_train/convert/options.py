@@ -53,7 +53,8 @@ class ConvertOptions:
         max_pairs_per_frame: cap on correspondence/pose pairs starting at one frame per task
             (0: no cap).
         topics: role -> topic (``image``, ``camera_info``, ``depth``, ``pose``; default
-            :data:`vlm3_ros.bags.TOPICS`).
+            :data:`vlm3_ros.bags.TOPICS`; ``detections`` for the object task, default
+            :data:`DETECTIONS_TOPIC`).
         cloud_topic: a PointCloud2 topic to take depth from instead of a depth image.
         lidar_extrinsic: 4x4 ``T_camera_lidar`` (lidar points -> camera optical frame); default:
             looked up in TF between the camera frame and the cloud's frame.
@@ -70,8 +71,6 @@ class ConvertOptions:
         objects_per_image: object task: at most this many detections per frame (highest score first).
         object_relations: object task: questions about two regions per frame (drawn among the pairs).
         object_questions: object task: question ids or short names to ask (default: all of the spec's).
-
-    The object task reads detections from the ``detections`` topic (default :data:`DETECTIONS_TOPIC`).
     """
 
     tasks: Tuple[str, ...] = DEFAULT_TASKS
