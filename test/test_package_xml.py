@@ -22,7 +22,8 @@ PACKAGE_XML = REPO / "package.xml"
 #: Python modules that are not ROS packages -> their rosdep key in package.xml
 ROSDEP_KEYS = {"numpy": "python3-numpy", "scipy": "python3-scipy", "cv2": "python3-opencv",
                "yaml": "python3-yaml", "PIL": "python3-pil", "tqdm": "python3-tqdm",
-               "pytest": "python3-pytest", "hypothesis": "python3-hypothesis"}
+               "pytest": "python3-pytest", "hypothesis": "python3-hypothesis",
+               "httpx": "python3-httpx"}
 #: Python modules installed with pip (no rosdep key), each named in package.xml's comment
 PIP_ONLY = {"torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "huggingface_hub",
             "rosbags", "matplotlib", "datasets"}

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="TCP port of the server (default 8000)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 (float32 on a CPU gives the "
                         "in-process engine's answers exactly)")
     parser.add_argument("--served-model-name", default=None,

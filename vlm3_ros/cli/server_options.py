@@ -18,7 +18,8 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server backend (with --server)")
     group.add_argument("--server-model", default="", help="served model name (default: the server's only model)")
     group.add_argument("--api-key-env", default="", metavar="VAR",
-                       help="environment variable holding the server's API key (never pass the key itself)")
+                       help="environment variable holding the server's API key (never pass the key itself; "
+                            "default: none, no key sent)")
     group.add_argument("--protocol", default=None, metavar="PATH",
                        help="checkpoint directory or vlm3_protocol.json with the task specs (default: the served "
                             "model's directory when it is on this machine, else the built-in specs)")
