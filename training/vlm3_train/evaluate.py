@@ -47,9 +47,8 @@ from vlm3_ros.engine.base import Backend, GroundTruth, Request
 from vlm3_ros.paths import write_atomic, write_json_atomic
 from vlm3_ros.protocol import AnswerParseError, ProtocolError, TaskSpec
 
-from .object_eval import ObjectAnswers, object_report
-
 from .dataset import spec_differences
+from .object_eval import ObjectAnswers, object_report
 
 __all__ = [
     "EvalError",
