@@ -13,6 +13,7 @@ CORE = [
     "vlm3_ros.completion",
     "vlm3_ros.dense_eval",
     "vlm3_ros.msg_codec",
+    "vlm3_ros.detections",
     "vlm3_ros.engine",
     "vlm3_ros.engine.transformers_backend",
     "vlm3_ros.engine.shared_prefix",
@@ -26,7 +27,7 @@ def test_core_does_not_import_ros():
         "import sys, importlib\n"
         f"for name in {CORE!r}: importlib.import_module(name)\n"
         "ros = sorted(m for m in sys.modules if m.split('.')[0] in ('rclpy', 'sensor_msgs', 'geometry_msgs', "
-        "'nav_msgs', 'std_msgs', 'tf2_ros', 'tf2_msgs', 'cv_bridge', 'rosidl_runtime_py'))\n"
+        "'nav_msgs', 'std_msgs', 'tf2_ros', 'tf2_msgs', 'cv_bridge', 'rosidl_runtime_py', 'vision_msgs'))\n"
         "print(','.join(ros))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -189,7 +189,7 @@ def test_dataset_format_protocol_file_and_summary(synthetic):
     assert specs == {"depth": protocol.DEPTH, "correspondence": protocol.CORRESPONDENCE, "pose": protocol.POSE}
     summary = json.loads((result.path / "summary.json").read_text())
     assert summary == result.summary
-    counts = {t: sum(1 for r in ds if r["task"] == t) for t in cv.TASK_NAMES}
+    counts = {t: sum(1 for r in ds if r["task"] == t) for t in cv.DEFAULT_TASKS}
     assert summary["samples"] == counts == {"depth": FRAMES, "correspondence": 9, "pose": 7}
     assert summary["questions"]["depth"] == 10 * FRAMES and summary["questions"]["pose"] == 4 * 7
     assert summary["frames_read"] == FRAMES and summary["skipped"]["corrupt_messages"] == 0

@@ -63,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "skipped with a notice (a pattern like data/synth/scene_* also matches scene_000.json)")
     parser.add_argument("out", metavar="OUT", help="dataset directory to create (written atomically)")
     parser.add_argument("--tasks", type=_tasks, default=("depth", "correspondence", "pose"),
-                        help="comma-separated tasks: depth, correspondence, pose (default all)")
+                        help="comma-separated tasks: depth, correspondence, pose, object (default: depth, correspondence, "
+                             "pose; object needs a Detection2DArray topic, --detections-topic)")
     parser.add_argument("--points-per-image", type=int, default=10, help="depth questions per image (default 10)")
     parser.add_argument("--points-per-pair", type=int, default=10,
                         help="correspondence questions per frame pair (default 10)")
@@ -109,6 +110,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="frame the pose topic describes when not the camera (composed with TF to the camera)")
     topics.add_argument("--tolerance-ms", type=float, default=10.0,
                         help="stamp pairing tolerance in milliseconds (default 10)")
+    obj = parser.add_argument_group("object task (--tasks object)")
+    obj.add_argument("--detections-topic", default="/detections",
+                     help="vision_msgs/Detection2DArray topic of the 2D detections, paired with the images by stamp "
+                          "(default /detections)")
+    obj.add_argument("--objects-per-image", type=int, default=6,
+                     help="at most this many detections per frame, highest score first (default 6)")
+    obj.add_argument("--object-relations", type=int, default=8,
+                     help="questions about two objects per frame (distances, left of, behind, bigger...; default 8)")
+    obj.add_argument("--object-questions", type=_tasks, default=(),
+                     help="comma-separated question ids or short names (width, height, distance, left, behind, "
+                          "bigger...; default: all of the object spec's)")
     split = parser.add_argument_group("split")
     split.add_argument("--split", choices=("none", "frame", "bag"), default="none",
                        help="validation split: the last frames of each bag, or the last bags (default none)")
@@ -139,11 +151,12 @@ def run(args: argparse.Namespace) -> int:
             min_depth=args.min_depth, max_depth=args.max_depth, occlusion_tolerance=args.occlusion_tolerance,
             min_covisibility=args.min_covisibility, max_pairs_per_frame=args.max_pairs_per_frame,
             topics={"image": args.image_topic, "camera_info": args.camera_info_topic, "depth": args.depth_topic,
-                    "pose": args.pose_topic},
+                    "pose": args.pose_topic, "detections": args.detections_topic},
             cloud_topic=args.cloud_topic, lidar_extrinsic=args.lidar_extrinsic, pose_source=args.pose_source,
             camera_frame=args.camera_frame, world_frame=args.world_frame, pose_child_frame=args.pose_child_frame,
             tolerance_ns=int(round(args.tolerance_ms * 1e6)), split=args.split, val_fraction=args.val_fraction,
-            seed=args.seed,
+            seed=args.seed, objects_per_image=args.objects_per_image, object_relations=args.object_relations,
+            object_questions=args.object_questions,
         )
         arguments = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in vars(args).items() if not k.startswith("_")}
         result = convert_bags(bags, args.out, options, overwrite=args.overwrite, progress=not args.quiet,

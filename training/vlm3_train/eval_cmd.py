@@ -9,7 +9,7 @@ import sys
 from vlm3_ros.cli.server_options import SERVER_URL_HELP, add_server_options, server_backend
 
 HELP = ("evaluate a checkpoint (or the oracle) on VLM3 datasets or rosbag2 recordings: depth, correspondence, pose, "
-        "trajectory, dense depth")
+        "trajectory, dense depth, objects (SpatialRGPT-style)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", help="LoRA adapter directory applied to --checkpoint")
     parser.add_argument("--device", default="auto", help="default auto (CUDA if available); cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="auto", help="default auto (bfloat16 on CUDA, float32 on CPU); float32, bfloat16")
-    parser.add_argument("--tasks", help="comma-separated tasks to evaluate (default: all present)")
+    parser.add_argument("--tasks", help="comma-separated tasks to evaluate (default: all present; bags: depth, "
+                        "correspondence, pose; object reads the /detections topic)")
     parser.add_argument("--split", default="auto", choices=("auto", "train", "val", "all"),
                         help="dataset rows to use (default auto: val where present, else all; bags: all)")
     parser.add_argument("--max-samples", type=int, help="at most this many samples per task and dataset")
@@ -94,7 +95,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     except (EvalError, EngineError, ValueError) as exc:
         print(f"vlm3-train eval: {exc}", file=sys.stderr)
         return 2
-    summary = {k: report[k] for k in ("depth", "correspondence", "pose", "dense") if k in report}
+    summary = {k: report[k] for k in ("depth", "correspondence", "pose", "object", "dense") if k in report}
     if "trajectory" in report:
         summary["trajectory"] = {k: v for k, v in report["trajectory"].items() if k != "trajectories"}
     print(json.dumps({"output": args.output, "samples": report["samples"], **summary}, indent=2))

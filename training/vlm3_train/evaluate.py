@@ -10,6 +10,9 @@ task's parser, and the metrics of :mod:`vlm3_ros.metrics` are computed with the 
 * correspondence: EPE in the task's normalised units and in prepared-image pixels;
 * pose: rotation and (folded) translation-direction errors, AUC@30 (and @5, @15); an unparseable
   pair counts as a failure;
+* object: SpatialRGPT-style success rate (within 25 %) and absolute relative error of the
+  quantitative answers per question type, accuracy of the qualitative ones
+  (:mod:`vlm3_train.object_eval`); an unparseable answer fails;
 * trajectory: consecutive pose pairs of a recording (pairs ``(i, i + gap)`` chained
   ``i -> i + gap -> i + 2 gap ...``) are composed into a trajectory and compared with the chained
   ground truth: ATE after SE(3) alignment (:func:`vlm3_ros.metrics.ate`), ATE from the common
@@ -51,6 +54,7 @@ from vlm3_ros.paths import write_atomic, write_json_atomic
 from vlm3_ros.protocol import AnswerParseError, ProtocolError, TaskSpec
 
 from .dataset import spec_differences
+from .object_eval import ObjectAnswers, object_report
 
 __all__ = [
     "EvalError",
@@ -93,6 +97,7 @@ class TaskResults:
     pose_dir: list[np.ndarray | None] = field(default_factory=list)  # unit translation direction
     pose_gt: list[np.ndarray] = field(default_factory=list)
     pose_keys: list[tuple[str, int, int]] = field(default_factory=list)  # (source, frame1, frame2)
+    objects: ObjectAnswers = field(default_factory=ObjectAnswers)
     unparseable: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     answered: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     examples: dict[str, list[dict[str, str]]] = field(default_factory=lambda: defaultdict(list))
@@ -144,6 +149,10 @@ def ground_truth_of(task: str, targets: Mapping[str, Any], meta: Mapping[str, An
         return GroundTruth(flow=flow, K=K, size2=(w2, h2))
     if task == "pose":
         return GroundTruth(pose=np.asarray(targets["T"], dtype=float))
+    if task == "object":
+        from .convert.object_targets import object_ground_truth
+
+        return object_ground_truth(dict(targets))
     raise EvalError(f"no evaluation for task {task!r}")
 
 
@@ -199,6 +208,8 @@ def _record(results: TaskResults, task: str, spec: TaskSpec, questions: Sequence
         key2 = frames[1] if len(frames) > 1 and frames[1] is not None else stamps[1]
         results.pose_keys.append((str(meta.get("source", "")), int(key1) if key1 is not None else -1,
                                   int(key2) if key2 is not None else -1))
+    elif task == "object":
+        results.objects.record(spec, questions, answers, targets, results._bad)
     else:
         raise EvalError(f"no evaluation for task {task!r}")
 
@@ -670,6 +681,8 @@ def evaluate_datasets(backend: Backend, paths: Sequence[str | os.PathLike[str]],
         report["pose"], rot, trans = _pose_report(results, constants)
         chains = chain_trajectories(results.pose_keys, results.pose_pred, results.pose_gt)
         report["trajectory"] = _trajectory_report(chains)
+    if len(results.objects):
+        report["object"] = object_report(results.objects, results.samples.get("object", 0))
     report["unparseable_examples"] = {k: v for k, v in results.examples.items() if v}
     report["against_baselines"] = baseline_comparison(report)
     if extra:
@@ -706,13 +719,13 @@ def evaluate_bags(backend: Backend, bags: Sequence[str | os.PathLike[str]], outp
     :class:`vlm3_train.dense_eval.DenseOptions` to also score dense depth against each frame's
     depth image (report section ``dense``).
     """
-    from .convert import ConvertOptions, TASK_NAMES, convert_bags
+    from .convert import DEFAULT_TASKS, ConvertOptions, convert_bags
 
     if not bags:
         raise EvalError("no bags to evaluate")
-    wanted = [t for t in (tasks or TASK_NAMES) if t in backend.specs]
+    wanted = [t for t in (tasks or DEFAULT_TASKS) if t in backend.specs]
     if not wanted:
-        raise EvalError(f"the backend serves none of the tasks {list(tasks or TASK_NAMES)} (it serves {sorted(backend.specs)})")
+        raise EvalError(f"the backend serves none of the tasks {list(tasks or DEFAULT_TASKS)} (it serves {sorted(backend.specs)})")
     options = ConvertOptions(tasks=tuple(wanted), specs={t: backend.spec(t) for t in wanted},
                              points_per_image=points_per_image, points_per_pair=points_per_image,
                              pose_gaps=(pose_gap,), correspondence_gaps=(correspondence_gap,),

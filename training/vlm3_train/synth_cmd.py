@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth-encoding", choices=("32FC1", "16UC1"), default="32FC1",
                         help="depth image encoding: 32FC1 metres (exact; default) or 16UC1 millimetres")
     parser.add_argument("--supersample", type=int, default=2, help="colour rays per pixel along each axis (default 2)")
+    parser.add_argument("--detections", action="store_true",
+                        help="also write each frame's objects as 2D detections (vision_msgs/Detection2DArray on "
+                             "/detections), for the object task of `vlm3-train convert --tasks object`")
     parser.add_argument("--overwrite", action="store_true", help="replace existing bags")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         intrinsics = default_intrinsics(args.size[0], args.size[1], args.fx)
         paths = synthesize(args.out, scenes=args.scenes, frames=args.frames, seed=args.seed, intrinsics=intrinsics,
                            storage=args.storage, depth_encoding=args.depth_encoding, supersample=args.supersample,
-                           overwrite=args.overwrite, progress=not args.quiet)
+                           overwrite=args.overwrite, progress=not args.quiet, detections=args.detections)
     except (SyntheticError, BagError, CameraError) as exc:
         print(f"vlm3-train synth: {exc}", file=sys.stderr)
         return 2

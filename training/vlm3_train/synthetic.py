@@ -984,13 +984,15 @@ DEPTH_ENCODINGS = ("32FC1", "16UC1")
 def write_bag(sequence: SyntheticSequence, path: str | os.PathLike[str], *, storage: str = "sqlite3",
               depth_encoding: str = "32FC1", topics: Mapping[str, str] | None = None,
               camera_frame: str | None = None, world_frame: str | None = None,
-              overwrite: bool = False, progress: bool = False) -> Path:
+              overwrite: bool = False, progress: bool = False, detections: bool = False) -> Path:
     """Write a sequence as a rosbag2 bag: rgb8 Image, CameraInfo, depth Image and ground-truth
     PoseStamped (plus the world -> camera transform on ``/tf``), all stamped with the frame's stamp.
 
     ``depth_encoding``: ``32FC1`` (metres, NaN where invalid; exact) or ``16UC1`` (millimetres,
     0 where invalid). ``topics``/``camera_frame``/``world_frame`` default to those of
-    :mod:`vlm3_ros.bags`. Written atomically by :class:`vlm3_ros.bags.RgbdBagWriter`.
+    :mod:`vlm3_ros.bags`. ``detections``: also write each frame's objects as a 2D detector would
+    see them (vision_msgs/Detection2DArray on ``/detections``, :mod:`vlm3_train.synthetic_objects`),
+    for the object task. Written atomically by :class:`vlm3_ros.bags.RgbdBagWriter`.
     """
     from vlm3_ros import bags
 
@@ -1009,17 +1011,23 @@ def write_bag(sequence: SyntheticSequence, path: str | os.PathLike[str], *, stor
     if world_frame is not None:
         kwargs["world_frame"] = world_frame
     with bags.RgbdBagWriter(path, **kwargs) as writer:
-        for frame in frames:
+        for i, frame in enumerate(frames):
             writer.write_frame(frame.stamp_ns, rgb=frame.rgb, intrinsics=sequence.intrinsics,
                                depth_m=frame.depth, T_w_c=frame.T_w_c)
+            if detections:
+                from .synthetic_objects import write_detections
+
+                write_detections(writer, sequence, i)
     return Path(path)
 
 
 def synthesize(out_dir: str | os.PathLike[str], *, scenes: int = 4, frames: int = 30, seed: int = 0,
                intrinsics: Intrinsics | None = None, storage: str = "sqlite3", depth_encoding: str = "32FC1",
-               supersample: int = 2, overwrite: bool = False, progress: bool = True) -> list[Path]:
+               supersample: int = 2, overwrite: bool = False, progress: bool = True,
+               detections: bool = False) -> list[Path]:
     """Write ``scenes`` synthetic bags ``out_dir/scene_NNN`` with a ``scene_NNN.json`` description each.
 
+    ``detections``: the bags also carry the objects' 2D detections (see :func:`write_bag`).
     Returns the bag paths. Each bag is written atomically; an existing bag is an error unless
     ``overwrite``.
     """
@@ -1036,7 +1044,8 @@ def synthesize(out_dir: str | os.PathLike[str], *, scenes: int = 4, frames: int 
     for k in indices:
         seq = generate_sequence(seed, frames, intrinsics, scene_index=k, supersample=supersample)
         bag = out / f"scene_{k:03d}"
-        write_bag(seq, bag, storage=storage, depth_encoding=depth_encoding, overwrite=overwrite, progress=progress)
+        write_bag(seq, bag, storage=storage, depth_encoding=depth_encoding, overwrite=overwrite, progress=progress,
+                  detections=detections)
         write_json_atomic(out / f"scene_{k:03d}.json", seq.to_dict(), default=None)
         paths.append(bag)
     return paths

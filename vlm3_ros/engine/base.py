@@ -30,6 +30,9 @@ class GroundTruth:
         flow: (H, W, 2) pixel of prepared image 2 seen at each pixel of prepared image 1
             (NaN where not visible); derived from ``depth``, ``pose``, ``K`` and ``K2`` when absent.
         size2: (width, height) of prepared image 2.
+        objects: object extents (:class:`vlm3_ros.objects.ObjectExtent`) by region text
+            coordinates ``(x1, y1, x2, y2)``: object questions are answered from these instead of
+            ``depth`` (a dataset sample stores the extents of its regions, not a depth image).
     """
 
     depth: np.ndarray | None = None
@@ -38,6 +41,7 @@ class GroundTruth:
     pose: np.ndarray | None = None
     flow: np.ndarray | None = None
     size2: tuple[int, int] | None = None
+    objects: Mapping[tuple[float, float, float, float], Any] | None = None
 
 
 @dataclass

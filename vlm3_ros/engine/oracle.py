@@ -144,7 +144,10 @@ class OracleBackend(Backend):
             return UNKNOWN_ANSWER
 
     def _object(self, request: Request, gt: GroundTruth, qid: str, regions, spec: TaskSpec) -> str:
-        """From the back-projected reference depth inside each region (:mod:`vlm3_ros.objects`)."""
+        """From the back-projected reference depth inside each region (:mod:`vlm3_ros.objects`), or
+        from the regions' extents where the ground truth gives them."""
+        if gt.objects is not None:
+            return self._object_answer(qid, regions, [gt.objects.get(tuple(float(v) for v in r)) for r in regions], spec)
         if gt.depth is None or gt.K is None:
             raise EngineError("object questions need ground truth depth and K")
         depth = np.asarray(gt.depth)
@@ -152,6 +155,10 @@ class OracleBackend(Backend):
         if depth.shape[:2] != (height, width):
             raise EngineError(f"ground truth depth is {depth.shape[1]}x{depth.shape[0]}, the image {width}x{height}")
         extents = [objects.region_extent(depth, gt.K, region, float(spec.coord_scale or 1000)) for region in regions]
+        return self._object_answer(qid, regions, extents, spec)
+
+    @staticmethod
+    def _object_answer(qid: str, regions, extents, spec: TaskSpec) -> str:
         if any(e is None for e in extents):
             return UNKNOWN_ANSWER
         value = objects.true_answer(qid, *extents)

@@ -1,17 +1,14 @@
 """vision_msgs detections <-> the object core: 2D boxes in, Detection3DArray and RViz markers out.
 
-A ``BoundingBox2D`` is read as centre +- size / 2 in pixel coordinates whose image spans
-``[0, width] x [0, height]`` (corner coordinates, as detectors such as YOLO report boxes); a
-rotated box (``theta`` != 0) is replaced by its axis-aligned bounds.
+Detections are read by :func:`vlm3_ros.detections.detections_from_msg` (re-exported here; the
+training converter reads bags with it too).
 """
 
 from __future__ import annotations
 
 import colorsys
-import math
 import zlib
-from dataclasses import dataclass, field
-from typing import Any, List, Sequence, Tuple
+from typing import Any, Sequence, Tuple
 
 import numpy as np
 from geometry_msgs.msg import Pose
@@ -19,46 +16,9 @@ from std_msgs.msg import ColorRGBA, Header
 from vision_msgs.msg import Detection3D, Detection3DArray, ObjectHypothesisWithPose
 from visualization_msgs.msg import Marker, MarkerArray
 
+from ..detections import Detection, detections_from_msg
+
 __all__ = ["Detection", "detection3d_array", "detections_from_msg", "object_markers"]
-
-
-@dataclass
-class Detection:
-    """One 2D detection: its box (corner coordinates), id and class hypotheses (class_id, score)."""
-
-    box: np.ndarray
-    id: str = ""
-    hypotheses: List[Tuple[str, float]] = field(default_factory=list)
-
-    @property
-    def score(self) -> float:
-        return max((s for _, s in self.hypotheses), default=1.0)
-
-    @property
-    def label(self) -> str:
-        return max(self.hypotheses, key=lambda h: h[1])[0] if self.hypotheses else (self.id or "object")
-
-
-def detections_from_msg(msg: Any) -> Tuple[List[Detection], List[str]]:
-    """The detections of a Detection2DArray, and a reason for each one left out (bad box)."""
-    out: List[Detection] = []
-    bad: List[str] = []
-    for k, det in enumerate(msg.detections):
-        b = det.bbox
-        cx, cy, theta = b.center.position.x, b.center.position.y, b.center.theta
-        sx, sy = b.size_x, b.size_y
-        if not all(math.isfinite(v) for v in (cx, cy, theta, sx, sy)) or sx <= 0 or sy <= 0:
-            bad.append(f"detection {k} ({det.id or 'no id'}) has an empty or non-finite box")
-            continue
-        c, s = abs(math.cos(theta)), abs(math.sin(theta))
-        hw, hh = (sx * c + sy * s) / 2, (sx * s + sy * c) / 2
-        box = np.array([cx - hw, cy - hh, cx + hw, cy + hh])
-        if not (box[2] > box[0] and box[3] > box[1]):  # a size lost in the centre's precision
-            bad.append(f"detection {k} ({det.id or 'no id'}) has an empty box")
-            continue
-        hyps = [(str(r.hypothesis.class_id), float(r.hypothesis.score)) for r in det.results]
-        out.append(Detection(box, str(det.id), hyps))
-    return out, bad
 
 
 def _pose(centre: Sequence[float]) -> Pose:

@@ -14,6 +14,8 @@ One module per concern:
 * :mod:`.tf_buffer`: the recording's TF tree, for extrinsics and poses at any stamp;
 * :mod:`.bag_frames`: frames of one bag with depth and pose from the bag's sources;
 * :mod:`.targets`: questions, answers and numeric targets per task, in the prepared images;
+* :mod:`.object_targets` / :mod:`.bag_detections`: the object task's questions from 2D
+  detections (a bag's Detection2DArray topic, or detections given with in-memory frames);
 * :mod:`.samples`: which frames and pairs make samples, the dataset rows, skip counts;
 * :mod:`.writer`: the dataset directory (``data/``, ``vlm3_protocol.json``, ``summary.json``),
   written atomically.
@@ -31,7 +33,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 from vlm3_ros.camera import normalized_rays, project_cloud, project_points
 
 from .bag_frames import BagFrames
-from .options import TASK_NAMES, ConvertError, ConvertOptions, load_specs
+from .options import DEFAULT_TASKS, DETECTIONS_TOPIC, TASK_NAMES, ConvertError, ConvertOptions, load_specs
 from .samples import PAIR_TASKS, Stats, frame_rows
 from .targets import correspondence_targets, covisibility, depth_targets, pose_targets
 from .tf_buffer import TfBuffer
@@ -42,6 +44,8 @@ __all__ = [
     "ConvertOptions",
     "ConvertResult",
     "DATASET_COLUMNS",
+    "DEFAULT_TASKS",
+    "DETECTIONS_TOPIC",
     "TASK_NAMES",
     "TfBuffer",
     "convert_bags",
@@ -85,7 +89,7 @@ def _bag_rows(bag_index: int, bag: Path, split_of_bag: Optional[str], options: C
 
 
 def _frame_tuples(frames: Iterable[FrameLike]) -> Iterator[Any]:
-    return ((int(f[0]), f[1], f[2], f[3], f[4]) for f in frames)
+    return ((int(f[0]), f[1], f[2], f[3], f[4], f[5] if len(f) > 5 else None) for f in frames)
 
 
 def convert_bags(bags: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str],
@@ -118,7 +122,9 @@ def iter_samples(frames: Iterable[FrameLike], options: Optional[ConvertOptions] 
     """Dataset rows (the columns of :data:`DATASET_COLUMNS`; images as PNG ``{"bytes", "path"}``)
     made from in-memory frames, without a bag: each frame is ``(stamp_ns, rgb, intrinsics,
     depth_m, T_w_c)`` (a :class:`vlm3_ros.bags.RgbdFrame` or any 5-tuple in that order; depth z
-    in metres with NaN invalid, or None; ``T_w_c`` camera-to-world or None).
+    in metres with NaN invalid, or None; ``T_w_c`` camera-to-world or None), optionally with a
+    sixth item, the frame's 2D detections (:class:`vlm3_ros.detections.Detection`) for the
+    object task.
     """
     options = (options or ConvertOptions()).validate()
     yield from frame_rows(_frame_tuples(frames), total, source, source, source_index, None, options,

@@ -12,7 +12,8 @@ import numpy as np
 from vlm3_ros import bags, msg_codec
 from vlm3_ros.camera import Intrinsics, project_cloud
 
-from .options import ConvertError, ConvertOptions
+from .bag_detections import BagDetections
+from .options import DETECTIONS_TOPIC, ConvertError, ConvertOptions
 from .tf_buffer import TF_TOPICS, TfBuffer, read_tf
 
 __all__ = ["BagFrames", "first_message"]
@@ -111,8 +112,16 @@ class BagFrames:
                 raise ConvertError(f"bag {bag}: camera frame {self.camera_frame!r} is not in TF "
                                    f"(frames: {', '.join(self.tf.frames) or 'none'}); pass camera_frame")
             self.world_frame = (options.world_frame or self.tf.root(self.camera_frame)).lstrip("/")
+        self.detections: Optional[BagDetections] = None
+        if "object" in options.tasks:
+            det_topic = (options.topics or {}).get("detections") or DETECTIONS_TOPIC
+            if det_topic in present:
+                self.detections = BagDetections(bag, det_topic, options.tolerance_ns, skip)
+            else:
+                skip("bags_without_detections", f"{bag}: no detections topic {det_topic}; object samples skipped")
         self.topics = topics
-        self.frames = bags.iter_rgbd_frames(bag, topics, tolerance_ns=options.tolerance_ns)
+        self.frames = bags.iter_rgbd_frames(bag, {k: v for k, v in topics.items() if k in bags.ROLES},
+                                            tolerance_ns=options.tolerance_ns)
         self.clouds: Optional[Tuple[np.ndarray, List[Tuple[str, Any]]]] = None
 
     def _load_clouds(self) -> None:
@@ -159,8 +168,10 @@ class BagFrames:
     def __len__(self) -> int:
         return len(self.frames)
 
-    def __iter__(self) -> Iterator[Tuple[int, np.ndarray, Intrinsics, Optional[np.ndarray], Optional[np.ndarray]]]:
-        """``(stamp_ns, rgb, intrinsics, depth z or None, T_w_c or None)`` for every paired frame."""
+    def __iter__(self) -> Iterator[Tuple[int, np.ndarray, Intrinsics, Optional[np.ndarray], Optional[np.ndarray], Any]]:
+        """``(stamp_ns, rgb, intrinsics, depth z or None, T_w_c or None, detections or None)`` for
+        every paired frame (detections: a list of :class:`vlm3_ros.detections.Detection` for the
+        object task, None where none are paired)."""
         for frame in self.frames:
             if self.depth_source == "cloud":
                 depth = self._cloud_depth(frame.stamp_ns, frame.intrinsics)
@@ -174,7 +185,8 @@ class BagFrames:
             elif self.pose_source == "tf":
                 assert self.tf is not None
                 pose = self.tf.lookup(self.world_frame, self.camera_frame, frame.stamp_ns)
-            yield frame.stamp_ns, frame.rgb, frame.intrinsics, depth, pose
+            detections = self.detections.at(frame.stamp_ns) if self.detections is not None else None
+            yield frame.stamp_ns, frame.rgb, frame.intrinsics, depth, pose, detections
 
     def summary(self) -> Dict[str, Any]:
         """What was read from the bag, and what could not be paired or decoded."""
@@ -198,4 +210,6 @@ class BagFrames:
             out["unpaired_clouds"] = int((~self._cloud_used).sum())
         if self.pose_source == "tf":
             out["world_frame"] = self.world_frame
+        if self.detections is not None:
+            out["detections"] = self.detections.summary()
         return out

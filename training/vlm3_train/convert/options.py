@@ -15,9 +15,17 @@ import numpy as np
 from vlm3_ros import protocol
 from vlm3_ros.protocol import TaskSpec
 
-__all__ = ["ConvertError", "ConvertOptions", "TASK_NAMES", "check_spec", "load_specs"]
+from .object_targets import check_object_options, check_object_spec
 
-TASK_NAMES = ("depth", "correspondence", "pose")
+__all__ = ["ConvertError", "ConvertOptions", "DEFAULT_TASKS", "DETECTIONS_TOPIC", "TASK_NAMES", "check_spec", "load_specs"]
+
+#: Tasks produced unless asked otherwise.
+DEFAULT_TASKS = ("depth", "correspondence", "pose")
+#: Every task a conversion can produce (``object`` needs 2D detections: a Detection2DArray topic
+#: of the bag or detections given with in-memory frames).
+TASK_NAMES = DEFAULT_TASKS + ("object",)
+#: Default topic of the 2D detections (vision_msgs/Detection2DArray) for the object task.
+DETECTIONS_TOPIC = "/detections"
 
 
 class ConvertError(ValueError):
@@ -29,7 +37,8 @@ class ConvertOptions:
     """What :func:`vlm3_train.convert.convert_bags` produces and how it reads the bags.
 
     Attributes:
-        tasks: task names to produce (``depth``, ``correspondence``, ``pose``).
+        tasks: task names to produce (``depth``, ``correspondence``, ``pose``, ``object``; default
+            the first three).
         specs: task name -> spec (default: the built-in protocol specs).
         points_per_image: K depth questions per image.
         points_per_pair: K correspondence questions per frame pair.
@@ -44,7 +53,8 @@ class ConvertOptions:
         max_pairs_per_frame: cap on correspondence/pose pairs starting at one frame per task
             (0: no cap).
         topics: role -> topic (``image``, ``camera_info``, ``depth``, ``pose``; default
-            :data:`vlm3_ros.bags.TOPICS`).
+            :data:`vlm3_ros.bags.TOPICS`; ``detections`` for the object task, default
+            :data:`DETECTIONS_TOPIC`).
         cloud_topic: a PointCloud2 topic to take depth from instead of a depth image.
         lidar_extrinsic: 4x4 ``T_camera_lidar`` (lidar points -> camera optical frame); default:
             looked up in TF between the camera frame and the cloud's frame.
@@ -58,9 +68,12 @@ class ConvertOptions:
             (the last ``val_fraction`` of the bags, at least one).
         val_fraction: fraction for the validation split.
         seed: sampling seed (results do not depend on processing order).
+        objects_per_image: object task: at most this many detections per frame (highest score first).
+        object_relations: object task: questions about two regions per frame (drawn among the pairs).
+        object_questions: object task: question ids or short names to ask (default: all of the spec's).
     """
 
-    tasks: Tuple[str, ...] = TASK_NAMES
+    tasks: Tuple[str, ...] = DEFAULT_TASKS
     specs: Optional[Dict[str, TaskSpec]] = None
     points_per_image: int = 10
     points_per_pair: int = 10
@@ -84,6 +97,9 @@ class ConvertOptions:
     split: str = "none"
     val_fraction: float = 0.1
     seed: int = 0
+    objects_per_image: int = 6
+    object_relations: int = 8
+    object_questions: Tuple[str, ...] = ()
 
     def validate(self) -> "ConvertOptions":
         """Check every option; raise :class:`ConvertError` naming the first bad one."""
@@ -127,10 +143,15 @@ class ConvertOptions:
                     or not np.allclose(T[:3, :3].T @ T[:3, :3], np.eye(3), atol=1e-6):
                 raise ConvertError("lidar_extrinsic must be a finite 4x4 rigid transform T_camera_lidar")
             self.lidar_extrinsic = T
+        try:
+            self.object_questions = check_object_options(self.objects_per_image, self.object_relations,
+                                                         tuple(self.object_questions))
+        except ValueError as exc:
+            raise ConvertError(str(exc)) from None
         specs = dict(self.specs) if self.specs else {}
         for task in self.tasks:
             spec = specs.get(task) or protocol.TASKS[task]
-            check_spec(task, spec)
+            check_spec(task, spec, self.object_questions)
             specs[task] = spec
         self.specs = specs
         return self
@@ -150,10 +171,16 @@ class ConvertOptions:
         return out
 
 
-def check_spec(task: str, spec: TaskSpec) -> None:
-    """Raise :class:`ConvertError` unless ``spec`` can label ``task``."""
+def check_spec(task: str, spec: TaskSpec, wanted: Sequence[str] = ()) -> None:
+    """Raise :class:`ConvertError` unless ``spec`` can label ``task`` (for the object task: the
+    questions ``wanted``, default all of the spec's)."""
     if not isinstance(spec, TaskSpec):
         raise ConvertError(f"spec for task {task!r} must be a TaskSpec, got {type(spec).__name__}")
+    if task == "object":
+        problem = check_object_spec(spec, wanted)
+        if problem:
+            raise ConvertError(problem)
+        return
     needs_images = {"depth": 1, "correspondence": 2, "pose": 2}[task]
     if spec.num_images != needs_images:
         raise ConvertError(f"spec for task {task!r} must take {needs_images} image(s), it takes {spec.num_images}")

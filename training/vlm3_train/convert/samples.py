@@ -18,14 +18,17 @@ from vlm3_ros.camera import Intrinsics, PreparedImage, prepare_depth, prepare_im
 from vlm3_ros.protocol import TaskSpec
 
 from .options import ConvertError, ConvertOptions
+from .object_targets import object_targets
 from .targets import correspondence_targets, covisibility, depth_targets, pose_targets
 
 __all__ = ["FrameTuple", "PAIR_TASKS", "Stats", "frame_rows", "png_bytes"]
 
 _MAX_REASONS = 50
 
-#: ``(stamp_ns, rgb, intrinsics, depth z or None, T_w_c or None)``
-FrameTuple = Tuple[int, np.ndarray, Intrinsics, Optional[np.ndarray], Optional[np.ndarray]]
+#: ``(stamp_ns, rgb, intrinsics, depth z or None, T_w_c or None[, detections or None])``: the
+#: optional sixth item is the frame's 2D detections (:class:`vlm3_ros.detections.Detection`), for
+#: the object task.
+FrameTuple = Tuple[Any, ...]
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:
@@ -45,6 +48,7 @@ class _Frame:
     depth: Optional[np.ndarray]
     T_w_c: Optional[np.ndarray]
     split: str
+    detections: Optional[List[Any]] = None
     prepared: Dict[Any, Tuple[PreparedImage, Optional[np.ndarray], bytes]] = field(default_factory=dict)
 
     def prepare(self, spec: TaskSpec) -> Tuple[PreparedImage, Optional[np.ndarray], bytes]:
@@ -129,7 +133,8 @@ def frame_rows(frames: Iterable[FrameTuple], total: Optional[int], source: str, 
         from tqdm import tqdm
 
         iterator = tqdm(frames, total=total, desc=label, unit="frame", leave=False, file=sys.stderr)
-    for ordinal, (stamp, rgb, intrinsics, depth, pose) in enumerate(iterator):
+    for ordinal, item in enumerate(iterator):
+        stamp, rgb, intrinsics, depth, pose = item[:5]
         stats.counts["frames_read"] += 1
         if ordinal % options.frame_stride:
             continue
@@ -142,7 +147,7 @@ def frame_rows(frames: Iterable[FrameTuple], total: Optional[int], source: str, 
         if not (np.isfinite(depth) & (depth > 0)).any():
             stats.skip("frames_without_valid_depth", f"{source}: frame {ordinal} at {stamp}: no valid depth")
             continue
-        frame = _Frame(ordinal, int(stamp), rgb, intrinsics, depth, pose, split)
+        frame = _Frame(ordinal, int(stamp), rgb, intrinsics, depth, pose, split, item[5] if len(item) > 5 else None)
         stats.counts["frames_used"] += 1
 
         for task in single_tasks:
@@ -184,6 +189,26 @@ def _depth_row(frame: _Frame, spec: TaskSpec, options: ConvertOptions, stats: St
                    f"in the depth range [{options.min_depth}, {options.max_depth}] m inside the margin")
         return None
     return _row("depth", [frame], [prep], q, a, t, source)
+
+
+def _object_row(frame: _Frame, spec: TaskSpec, options: ConvertOptions, stats: Stats, source_index: int,
+                source: str) -> Optional[Dict[str, Any]]:
+    if frame.detections is None:
+        stats.skip("frames_without_detections", f"{source}: frame {frame.index} at {frame.stamp_ns}: no detections")
+        return None
+    prep = frame.prepare(spec)
+    q, a, t, counts = object_targets(prep[0], prep[1], frame.detections, spec,
+                                     _frame_rng(options.seed, source_index, frame.index, 2),
+                                     objects_per_image=options.objects_per_image,
+                                     object_relations=options.object_relations, question_ids=options.object_questions)
+    for key, n in counts.items():
+        if n:
+            stats.skip(key, n=n)
+    if not q:
+        stats.skip("frames_without_objects", f"{source}: frame {frame.index} at {frame.stamp_ns}: none of its "
+                   f"{len(frame.detections)} detections has a region with depth")
+        return None
+    return _row("object", [frame], [prep], q, a, t, source)
 
 
 def _pair_row(task: str, f1: _Frame, f2: _Frame, spec: TaskSpec, options: ConvertOptions, stats: Stats,
@@ -229,7 +254,7 @@ def _correspondence_row(f1: _Frame, f2: _Frame, T_c1_c2: np.ndarray, covis: floa
 
 #: Row builders per task: one frame -> a row, or a frame pair (with its relative pose and
 #: covisibility) -> a row; None when the frame or pair makes no sample (the reason is counted).
-_SINGLE_FRAME_ROWS = {"depth": _depth_row}
+_SINGLE_FRAME_ROWS = {"depth": _depth_row, "object": _object_row}
 _PAIR_ROWS = {"correspondence": _correspondence_row, "pose": _pose_row}
 #: Tasks whose samples are frame pairs (they need camera poses).
 PAIR_TASKS = tuple(_PAIR_ROWS)
