@@ -368,7 +368,9 @@ def test_depth_node_counts_server_faults_says_so_on_diagnostics_and_recovers(ros
 
     frame(1.0)
     assert ros.spin_until(lambda: len(clouds) == 1, 30)
-    assert clouds.messages[0].width == 9 and diag().get("backend_connection") == "connected"
+    # Diagnostics are periodic: wait for a report made after the frame.
+    assert ros.spin_until(lambda: diag().get("backend_connection") == "connected", 10), diag()
+    assert clouds.messages[0].width == 9
     standin.mode = "status:500"
     frame(2.0)
     assert ros.spin_until(lambda: diag().get("rejected.backend_server_error") == "1", 30), diag()
@@ -378,6 +380,7 @@ def test_depth_node_counts_server_faults_says_so_on_diagnostics_and_recovers(ros
     assert values["backend_state"] == "ready" and len(clouds) == 1
     standin.mode = "ok"
     frame(3.0)
-    assert ros.spin_until(lambda: len(clouds) == 2 and diag().get("backend_connection") == "connected", 30), diag()
-    assert diag()["backend_reconnects"] == "1" and diag()["_level"] == 0
+    assert ros.spin_until(lambda: len(clouds) == 2 and diag().get("backend_connection") == "connected"
+                          and diag().get("_level") == 0, 30), diag()
+    assert diag()["backend_reconnects"] == "1"
     backends.clear_cache()
