@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -465,7 +464,7 @@ def run(args: argparse.Namespace) -> int:
     _say(f"engine alone: {engine[0]['engine_s']:.3f} s per frame ({engine[0]['questions']} questions, "
          f"{engine[0]['tokens_per_answer']:.1f} tokens per answer), whole pipeline {engine[0]['pipeline_s']:.3f} s")
 
-    from ..ros.dds import child_environment, use_large_shared_memory
+    from ..ros.dds import child_environment, stop_child, use_large_shared_memory
 
     use_large_shared_memory()  # as the nodes and vlm3-ros play do (the nodes' process inherits it)
     domain_id = args.domain_id if args.domain_id is not None else 1 + (os.getpid() * 7 + 3) % 100
@@ -511,13 +510,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:
         stream.close()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_child(proc, 60)
     if proc.returncode != 0:
         print(f"vlm3-ros bench-node: error: the nodes' process ended with {proc.returncode}; log: {log_path}",
               file=sys.stderr)

@@ -20,7 +20,6 @@ import argparse
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -232,12 +231,9 @@ def _run_nodes(args: argparse.Namespace, bag: Path, params: Path, oracle: bool, 
             if count != seen:
                 seen, quiet_since = count, time.monotonic()
     finally:
-        if perception.poll() is None:
-            perception.send_signal(signal.SIGINT)
-            try:
-                perception.wait(30)
-            except subprocess.TimeoutExpired:
-                perception.kill()
+        from ..ros.dds import stop_child
+
+        stop_child(perception, 30)
         log.close()
     return recorder
 

@@ -19,10 +19,12 @@ the same profile (``FASTDDS_DEFAULT_PROFILES_FILE``, see docs/ROS.md).
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from pathlib import Path
 from typing import Dict, Optional
 
-__all__ = ["PROFILE_XML", "SEGMENT_BYTES", "child_environment", "use_large_shared_memory"]
+__all__ = ["PROFILE_XML", "SEGMENT_BYTES", "child_environment", "stop_child", "use_large_shared_memory"]
 
 SEGMENT_BYTES = 16 * 1024 * 1024
 
@@ -84,3 +86,16 @@ def child_environment(domain_id: int) -> Dict[str, str]:
     # this variable; a child must set up its own.
     env.pop("_ROS_WHEELS_BOOTSTRAP_COMPLETE", None)
     return env
+
+
+def stop_child(proc: "subprocess.Popen", timeout: float) -> Optional[int]:
+    """Stop a child ROS process as Ctrl-C would (SIGINT: its nodes finish the frame in progress and
+    shut down cleanly), killing it after ``timeout`` seconds. Returns its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
