@@ -64,10 +64,54 @@ def test_encode_matches_the_processor(tiny_backend):
         assert ids == ref["input_ids"][0].tolist()
         assert torch.equal(encoded.pixel_values, ref["pixel_values"])
         assert torch.equal(encoded.image_grid_thw, ref["image_grid_thw"])
+    # The fast paths were taken (and are what was just checked against the processor): the prompt's
+    # head tokenized apart from the questions, the image processor's steps called directly.
+    from vlm3_ros.engine.transformers_backend import _SplitPrompt
+
+    assert isinstance(tiny_backend._prompt_renderer(2), _SplitPrompt)
+    assert tiny_backend._direct_images is True
     n = encoded.shared_prefix_length()
     image_tokens = int(sum(int(g.prod()) // 4 for g in encoded.image_grid_thw))
     assert n > image_tokens  # the images and the common start of the questions are shared
     assert all(ids[:n] == encoded.input_ids[0][:n] for ids in encoded.input_ids)
+
+
+def test_last_layer_for_the_last_token_only_equals_the_full_forward(tiny_backend):
+    """The suffix prefill runs the last layer's query, attention, MLP and norm for each row's last
+    token only; its hidden states equal those of the model's whole forward (to float rounding)."""
+    from vlm3_ros.engine import shared_prefix as sp
+
+    request = Request(images=[_image(4)], questions=QUESTIONS)
+    encoded = tiny_backend.encode(request)
+    n = encoded.shared_prefix_length()
+    ids = encoded.input_ids[0]
+    prefix_ids = torch.tensor([ids[:n]])
+    prefix = sp.prefill_prefix(tiny_backend.model, sp.PrefixInputs(
+        prefix_ids, (prefix_ids == tiny_backend.image_token_id).int(), encoded.pixel_values, encoded.image_grid_thw))
+    suffixes = [row[n:] for row in encoded.input_ids]
+    width = max(len(s) for s in suffixes)
+    batch_ids = torch.tensor([s + [0] * (width - len(s)) for s in suffixes])
+    lengths = torch.tensor([len(s) for s in suffixes])
+    columns = torch.arange(width)
+    positions = sp._positions(prefix.length + columns[None, :].expand(len(suffixes), -1), prefix.rope_delta)
+    mask = (columns[None, :] < lengths[:, None])[:, None, :] & (columns[None, None, :] <= columns[None, :, None])
+    results = []
+    for trimmed in (True, False):
+        state = sp.SharedPrefixState(prefix.kv, len(suffixes), width + 1)
+        state.mask = mask
+        with torch.inference_mode():
+            if trimmed:
+                results.append(sp._last_hidden(tiny_backend.model.model, batch_ids, positions, state, lengths - 1))
+            else:
+                hidden = tiny_backend.model.model(input_ids=batch_ids, position_ids=positions, attention_mask=mask[:, None],
+                                                  use_cache=False, **{sp._STATE_KWARG: state}).last_hidden_state
+                results.append(hidden[torch.arange(len(suffixes)), lengths - 1])
+        results.append([k[:, :, :width].clone() for k in state.keys])
+    assert results[0].shape == results[2].shape == (len(suffixes), tiny_backend.model.config.text_config.hidden_size)
+    assert torch.allclose(results[0], results[2], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(results[0][0], results[0][1])  # the rows differ: the comparison can fail
+    for a, b in zip(results[1], results[3]):  # the keys every row's later tokens read
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ unless a :class:`SharedPrefixState` is passed in the forward call's keyword argu
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -323,6 +324,64 @@ def _positions(text_positions: torch.Tensor, rope_delta: int) -> torch.Tensor:
     return torch.cat([text_positions.unsqueeze(0), mrope], dim=0)
 
 
+def _last_hidden(inner, ids, positions, state: SharedPrefixState, last: torch.Tensor | None = None) -> torch.Tensor:
+    """Final hidden state ``[B, hidden]`` of each row's token at ``last`` (``[B]``; ``None``: one
+    token per row), the rows' keys and values written to ``state``.
+
+    Only that token's hidden state is read, so the model's last layer needs every token's keys and
+    values but the rest (query, attention output, MLP, final norm) for that one token alone. For
+    Qwen3-VL text layers the layers are called directly (the text model's forward adds nothing
+    here: no cache, no image features, the masks are the state's) and the last layer is run that
+    way, the same operations on the rows that matter. Other models run their whole forward."""
+    batch, width = ids.shape
+    rows = torch.arange(batch, device=ids.device)
+    last = torch.full((batch,), width - 1, dtype=torch.long, device=ids.device) if last is None else last
+    text = getattr(inner, "language_model", inner)
+    layers = getattr(text, "layers", None)
+    if layers is None or type(layers[-1]).__name__ != "Qwen3VLTextDecoderLayer":
+        hidden = inner(
+            input_ids=ids, position_ids=positions, attention_mask=state.mask[:, None], use_cache=False,
+            **{_STATE_KWARG: state},
+        ).last_hidden_state
+        return hidden[rows, last]
+    rope = sys.modules[type(layers[-1]).__module__].apply_rotary_pos_emb
+    hidden = text.embed_tokens(ids)
+    cos, sin = text.rotary_emb(hidden, positions[1:])
+    for layer in layers[:-1]:
+        hidden = layer(
+            hidden, attention_mask=None, position_ids=positions[0], position_embeddings=(cos, sin),
+            **{_STATE_KWARG: state},
+        )
+    layer = layers[-1]
+    attn = layer.self_attn
+    normed = layer.input_layernorm(hidden)
+    shape = (batch, width, -1, attn.head_dim)
+    keys = attn.k_norm(attn.k_proj(normed).view(shape)).transpose(1, 2)
+    values = attn.v_proj(normed).view(shape).transpose(1, 2)
+    _, keys = rope(keys, keys, cos, sin)
+    if width > 1:
+        normed, hidden = normed[rows, last][:, None], hidden[rows, last][:, None]
+        cos, sin = cos[rows, last][:, None], sin[rows, last][:, None]
+    query = attn.q_norm(attn.q_proj(normed).view(batch, 1, -1, attn.head_dim)).transpose(1, 2)
+    query, _ = rope(query, query, cos, sin)
+    index = attn.layer_idx
+    start = state.length
+    if width == 1:
+        out = _merged_attention(state, index, query, keys, values, attn.scaling)
+    else:
+        state.keys[index][:, :, start : start + width] = keys
+        state.values[index][:, :, start : start + width] = values
+        prefix_k, prefix_v = state.prefix[index]
+        full_mask = state.mask
+        state.mask = full_mask[rows, last][:, None]
+        out = _prefill_attention(state, prefix_k, prefix_v, query, state.keys[index][:, :, : start + width],
+                                 state.values[index][:, :, : start + width], attn.scaling)
+        state.mask = full_mask
+    hidden = hidden + attn.o_proj(out.reshape(batch, 1, -1))
+    hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return text.norm(hidden)[:, 0]
+
+
 def _decode_chunk(
     inner, lm_head, prefix_kv, prefix_len, rope_delta, suffixes, row_ids, tokens, reasons,
     max_new_tokens, eos_token_ids, is_stopped, pad_token_id, device, timings,
@@ -330,9 +389,7 @@ def _decode_chunk(
     batch = len(suffixes)
     lengths = torch.tensor([len(s) for s in suffixes], device=device)
     width = int(lengths.max())
-    ids = torch.full((batch, width), pad_token_id, dtype=torch.long, device=device)
-    for i, s in enumerate(suffixes):
-        ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long, device=device)
+    ids = torch.tensor([list(s) + [pad_token_id] * (width - len(s)) for s in suffixes], dtype=torch.long, device=device)
     columns = torch.arange(width, device=device)
     valid = columns[None, :] < lengths[:, None]  # [B, width]
 
@@ -340,15 +397,9 @@ def _decode_chunk(
     # Suffix prefill: causal within the row, pads invisible.
     state.mask = valid[:, None, :] & (columns[None, None, :] <= columns[None, :, None])
     t0 = _now(device)
-    hidden = inner(
-        input_ids=ids,
-        position_ids=_positions(prefix_len + columns[None, :].expand(batch, -1), rope_delta),
-        attention_mask=state.mask[:, None],
-        use_cache=False,
-        **{_STATE_KWARG: state},
-    ).last_hidden_state
+    positions = _positions(prefix_len + columns[None, :].expand(batch, -1), rope_delta)
+    last = _last_hidden(inner, ids, positions, state, lengths - 1)
     state.length = width
-    last = hidden[torch.arange(batch, device=device), lengths - 1]
     next_tokens = lm_head(last).argmax(dim=-1)
     t1 = _now(device)
     timings["suffix_prefill"] += t1 - t0
@@ -377,14 +428,8 @@ def _decode_chunk(
         n = len(active)
         seen = torch.cat([seen, torch.ones(n, 1, dtype=torch.bool, device=device)], dim=1)
         state.mask = seen[:, None, :]
-        hidden = inner(
-            input_ids=next_tokens[:, None],
-            position_ids=_positions(next_pos[:, None], rope_delta),
-            attention_mask=state.mask[:, None],
-            use_cache=False,
-            **{_STATE_KWARG: state},
-        ).last_hidden_state
+        last = _last_hidden(inner, next_tokens[:, None], _positions(next_pos[:, None], rope_delta), state)
         state.length += 1
         next_pos = next_pos + 1
-        next_tokens = lm_head(hidden[:, -1]).argmax(dim=-1)
+        next_tokens = lm_head(last).argmax(dim=-1)
     timings["decode"] += _now(device) - t1

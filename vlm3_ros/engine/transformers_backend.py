@@ -34,9 +34,9 @@ class EncodedRequest:
         """Length of the longest common token prefix, leaving every question at least one token."""
         first = self.input_ids[0]
         limit = min(len(ids) for ids in self.input_ids) - 1
-        n = 0
-        while n < limit and all(ids[n] == first[n] for ids in self.input_ids):
-            n += 1
+        n = limit
+        for ids in self.input_ids[1:]:
+            n = _common_length(first[:n], ids[:n])
         last_image = max((i for i, t in enumerate(first) if t == self.image_token_id), default=-1)
         if any(t == self.image_token_id for ids in self.input_ids for t in ids[n:]):
             raise EngineError("the questions' prompts differ before their image tokens; cannot share the image prefix")
@@ -65,6 +65,8 @@ def _images_key(images: Sequence[np.ndarray]) -> bytes:
 
 def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
+    if list(a[:n]) == list(b[:n]):  # the usual case, compared in one call
+        return n
     for i in range(n):
         if a[i] != b[i]:
             return i
@@ -127,6 +129,7 @@ class TransformersBackend(Backend):
         self.eos_token_ids = self._eos_ids()
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._renderers: dict[int, Any] = {}
+        self._direct_images: bool | None = None  # None: not yet checked against the processor
         self.load_seconds = time.perf_counter() - t0
         if warmup:
             self.warmup()
@@ -287,30 +290,57 @@ class TransformersBackend(Backend):
         ``features``: the image processor's output for these very images, when already known.
         """
         if features is None:
-            from PIL import Image
-
-            images = [Image.fromarray(np.asarray(im)) for im in request.images]
-            features = self.processor.image_processor(images=images, return_tensors="pt")
+            features = self.image_features(request.images)
         grid = features["image_grid_thw"]
         merge = self.processor.image_processor.merge_size ** 2
-        counts = [int(g.prod()) // merge for g in grid]
+        counts = tuple(int(g.prod()) // merge for g in grid)
         render = self._prompt_renderer(len(request.images))
-        texts = []
-        for question in request.questions:
-            parts = render(question).split(self.image_token)
-            if len(parts) - 1 != len(request.images):
-                raise EngineError(
-                    f"the chat template produced {len(parts) - 1} image placeholders for {len(request.images)} image(s)"
-                )
-            texts.append(parts[0] + "".join(self.image_token * c + p for c, p in zip(counts, parts[1:])))
-        input_ids = self.tokenizer(texts)["input_ids"]
+        if isinstance(render, _SplitPrompt):
+            input_ids = render.token_ids(self, counts, request.questions)
+        else:
+            input_ids = self.tokenizer([self._expand(render(q), counts) for q in request.questions])["input_ids"]
         return EncodedRequest(input_ids, features["pixel_values"], grid, self.image_token_id, features)
 
+    def image_features(self, images: Sequence[np.ndarray]) -> Mapping[str, Any]:
+        """``pixel_values`` and ``image_grid_thw`` of ``images`` exactly as the image processor makes them.
+
+        For the Qwen2-VL family's PIL image processor, its own steps (resize, rescale, normalize,
+        patchify) are called directly on the arrays, without the generic argument handling and
+        image conversions around them that cost twice as much as the steps for a small frame. The
+        first time, the result is compared with the processor's own output, bit for bit; where they
+        differ, and for any other processor, the processor is called as it is.
+        """
+        if self._direct_images is not False and _DirectImages.applies(self.processor.image_processor, images):
+            direct = _DirectImages(self.processor.image_processor)
+            features = direct(images)
+            if self._direct_images is None:
+                import torch
+
+                reference = self._processor_features(images)
+                self._direct_images = all(
+                    features[k].dtype == reference[k].dtype and torch.equal(features[k], reference[k])
+                    for k in ("pixel_values", "image_grid_thw")
+                )
+                return reference
+            return features
+        return self._processor_features(images)
+
+    def _processor_features(self, images: Sequence[np.ndarray]) -> Mapping[str, Any]:
+        from PIL import Image
+
+        return self.processor.image_processor(images=[Image.fromarray(np.asarray(im)) for im in images], return_tensors="pt")
+
+    def _expand(self, text: str, counts: Sequence[int]) -> str:
+        """``text`` with its image placeholders repeated as many times as each image has tokens."""
+        parts = text.split(self.image_token)
+        if len(parts) - 1 != len(counts):
+            raise EngineError(f"the chat template produced {len(parts) - 1} image placeholders for {len(counts)} image(s)")
+        return parts[0] + "".join(self.image_token * c + p for c, p in zip(counts, parts[1:]))
+
     def _prompt_renderer(self, num_images: int):
-        """``question -> prompt text`` through the chat template. The template is rendered once with
-        a marker for the question and the marker replaced, where that gives exactly what rendering
-        each question does (checked on two questions); otherwise every question is rendered.
-        Cached per number of images."""
+        """``question -> prompt text`` through the chat template, or a :class:`_SplitPrompt` where
+        the rendered template is a fixed head and tail around the question. Cached per number of
+        images."""
         if num_images not in self._renderers:
             self._renderers[num_images] = self._make_renderer(num_images)
         return self._renderers[num_images]
@@ -326,10 +356,11 @@ class TransformersBackend(Backend):
         if frame.count(marker) != 1:
             return render
         head, tail = frame.split(marker)
-        probes = ("depth 12 34", "Given these two images, what pixel?  (x, y)")
+        probes = ("depth 12 34", "Given these two images, what pixel?  (x, y)", " depth 1 2 ", "\n3.5\n")
         if any(render(q) != head + q + tail for q in probes):
             return render
-        return lambda question: head + question + tail
+        split = _SplitPrompt.make(self, head, tail, probes)
+        return split if split is not None else (lambda question: head + question + tail)
 
     # -- answers -------------------------------------------------------------------------------
 
@@ -364,9 +395,13 @@ class TransformersBackend(Backend):
         text = self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         return truncate_at_stop(text, stops)
 
+    def _texts(self, stops: tuple[str, ...], tokens: list[list[int]]) -> list[str]:
+        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return [truncate_at_stop(text, stops) for text in texts]
+
     def _response(self, stops, encoded, tokens, reasons, timings, shared: int) -> Response:
         return Response(
-            answers=[self._text(stops, t) for t in tokens],
+            answers=self._texts(stops, tokens),
             prompt_tokens=[len(ids) for ids in encoded.input_ids],
             generated_tokens=[len(t) for t in tokens],
             finish_reasons=list(reasons),
@@ -374,6 +409,86 @@ class TransformersBackend(Backend):
             token_ids=tokens,
             info={"shared_prefix_tokens": shared},
         )
+
+
+class _DirectImages:
+    """The steps of a Qwen2-VL-family PIL image processor's ``_preprocess`` on RGB uint8 arrays."""
+
+    def __init__(self, processor) -> None:
+        self.p = processor
+
+    @staticmethod
+    def applies(processor, images: Sequence[np.ndarray]) -> bool:
+        return (
+            type(processor).__name__ == "Qwen2VLImageProcessorPil"
+            and all(hasattr(processor, k) for k in ("resize", "rescale", "normalize", "patchify"))
+            and all(isinstance(im, np.ndarray) and im.dtype == np.uint8 and im.ndim == 3 and im.shape[2] == 3
+                    for im in images)
+        )
+
+    def __call__(self, images: Sequence[np.ndarray]) -> dict[str, Any]:
+        import torch
+
+        p = self.p
+        patches, grids = [], []
+        for image in images:
+            image = np.moveaxis(np.asarray(image), -1, 0)  # HWC -> CHW, as the processor's own conversion
+            if p.do_resize:
+                image = p.resize(image, size=p.size, resample=p.resample, factor=p.patch_size * p.merge_size)
+            if p.do_rescale:
+                image = p.rescale(image, p.rescale_factor)
+            if p.do_normalize:
+                image = p.normalize(image, p.image_mean, p.image_std)
+            flat, grid_h, grid_w = p.patchify(image, patch_size=p.patch_size, merge_size=p.merge_size,
+                                              temporal_patch_size=p.temporal_patch_size)
+            patches.append(flat)
+            grids.append([1, grid_h, grid_w])
+        return {
+            "pixel_values": torch.from_numpy(np.ascontiguousarray(np.concatenate(patches, axis=0))),
+            "image_grid_thw": torch.tensor(grids, dtype=torch.int64),
+        }
+
+
+class _SplitPrompt:
+    """A chat template that renders ``head + question + tail``, where the head ends and the tail
+    starts with a special token. The tokenizer splits its input at special tokens before anything
+    else, so a prompt's ids are the head's ids followed by the ids of ``question + tail``: the head
+    (with the image tokens, the bulk of the text) is tokenized once per image size, and only the
+    short questions per request. Made only where that is checked to equal tokenizing whole prompts."""
+
+    def __init__(self, head: str, tail: str) -> None:
+        self.head = head
+        self.tail = tail
+        self._heads: dict[tuple[int, ...], list[int]] = {}  # head ids per image token counts
+
+    def __call__(self, question: str) -> str:
+        return self.head + question + self.tail
+
+    @staticmethod
+    def make(backend: "TransformersBackend", head: str, tail: str, probes: Sequence[str]) -> "_SplitPrompt | None":
+        tokenizer = backend.tokenizer
+        special = {t.content: t for t in tokenizer.added_tokens_decoder.values() if t.special}
+        end = next((t for c, t in special.items() if head.endswith(c)), None)
+        start = next((t for c, t in special.items() if tail.startswith(c)), None)
+        if end is None or start is None or end.rstrip or start.lstrip:
+            return None
+        split = _SplitPrompt(head, tail)
+        for counts in ((1,) * head.count(backend.image_token), (3,) * head.count(backend.image_token)):
+            whole = tokenizer([backend._expand(head + q + tail, counts) for q in probes])["input_ids"]
+            if whole != split.token_ids(backend, counts, probes):
+                return None
+        return split
+
+    def token_ids(self, backend: "TransformersBackend", counts: tuple[int, ...], questions: Sequence[str]) -> list[list[int]]:
+        head = self._heads.get(counts)
+        if head is None:
+            head = backend.tokenizer(backend._expand(self.head, counts))["input_ids"]
+            if len(self._heads) >= 8:
+                self._heads = {}
+            self._heads[counts] = head
+        tail = self.tail
+        rest = backend.tokenizer([q + tail for q in questions], add_special_tokens=False)["input_ids"]
+        return [head + ids for ids in rest]
 
 
 def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> str:
