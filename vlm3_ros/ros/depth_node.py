@@ -108,9 +108,7 @@ class DepthNode(PerceptionNode):
     def _depth_estimator(self, values: Dict[str, Any]) -> DepthEstimator:
         key = (values["depth_kind"], values["max_new_tokens"], values["max_depth"])
         if self._estimator is None or key != self._estimator_key:
-            spec = self.backend.spec("depth")
-            if values["depth_kind"] != "spec":
-                spec = spec.with_options(depth_kind=values["depth_kind"])
+            spec = self.depth_spec(self.backend, values["depth_kind"])
             self._estimator = DepthEstimator(self.backend, spec=spec, max_new_tokens=values["max_new_tokens"],
                                              max_depth=values["max_depth"])
             self._estimator_key = key

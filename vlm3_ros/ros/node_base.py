@@ -276,6 +276,13 @@ class PerceptionNode(LifecycleNode):
         check_image_size(width, height, **limits)
         return rgb, intrinsics_for(info, width, height)
 
+    @staticmethod
+    def depth_spec(backend: Any, depth_kind: str) -> Any:
+        """``backend``'s depth task spec with the ``depth_kind`` parameter applied (``spec``: as the
+        checkpoint says)."""
+        spec = backend.spec("depth")
+        return spec if depth_kind == "spec" else spec.with_options(depth_kind=depth_kind)
+
     def reference_depth(self, messages: Dict[str, Any], width: int, height: int,
                         max_depth: Optional[float] = None) -> Optional[Any]:
         """The paired ``reference_depth`` in metres along z (None when there is none; pixels beyond

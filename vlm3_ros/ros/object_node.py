@@ -114,9 +114,7 @@ class ObjectNode(PerceptionNode):
         key = tuple(values[k] for k in ("depth_kind", "depth_grid", "depth_inner", "max_new_tokens"))
         if self._query is None or key != self._query_key:
             depth_backend = self._backend("depth")
-            depth_spec = depth_backend.spec("depth")
-            if values["depth_kind"] != "spec":
-                depth_spec = depth_spec.with_options(depth_kind=values["depth_kind"])
+            depth_spec = self.depth_spec(depth_backend, values["depth_kind"])
             self._query = ObjectQuery(self._backend("object"), depth_backend=depth_backend, depth_spec=depth_spec,
                                       max_new_tokens=values["max_new_tokens"], depth_grid=values["depth_grid"],
                                       depth_inner=values["depth_inner"])
