@@ -74,6 +74,15 @@ def test_encode_matches_the_processor(tiny_backend):
     image_tokens = int(sum(int(g.prod()) // 4 for g in encoded.image_grid_thw))
     assert n > image_tokens  # the images and the common start of the questions are shared
     assert all(ids[:n] == encoded.input_ids[0][:n] for ids in encoded.input_ids)
+    # Questions asked again (a node's grid, every frame) reuse their ids: the same ids, also in
+    # another order and mixed with a new question.
+    renderer = tiny_backend._prompt_renderer(2)
+    assert set(request.questions) <= set(renderer._rests)
+    again = Request(images=images, questions=[QUESTIONS[3], *reversed(QUESTIONS[:3])], spec=protocol.CORRESPONDENCE)
+    assert tiny_backend.encode(again).input_ids[1:] == list(reversed(encoded.input_ids))
+    tokenize = lambda q: tiny_backend.tokenizer([q + renderer.tail], add_special_tokens=False)["input_ids"][0]
+    head = encoded.input_ids[0][: len(encoded.input_ids[0]) - len(tokenize(QUESTIONS[0]))]
+    assert tiny_backend.encode(again).input_ids[0] == head + tokenize(QUESTIONS[3])
 
 
 def test_last_layer_for_the_last_token_only_equals_the_full_forward(tiny_backend):

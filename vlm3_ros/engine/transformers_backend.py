@@ -449,6 +449,10 @@ class _DirectImages:
         }
 
 
+#: Questions whose token ids a split prompt keeps (a node's grid is a few hundred at most).
+REST_CACHE_SIZE = 4096
+
+
 class _SplitPrompt:
     """A chat template that renders ``head + question + tail``, where the head ends and the tail
     starts with a special token. The tokenizer splits its input at special tokens before anything
@@ -460,6 +464,8 @@ class _SplitPrompt:
         self.head = head
         self.tail = tail
         self._heads: dict[tuple[int, ...], list[int]] = {}  # head ids per image token counts
+        # ids of ``question + tail`` per question: a node asks the same grid of questions every frame
+        self._rests: dict[str, list[int]] = {}
 
     def __call__(self, question: str) -> str:
         return self.head + question + self.tail
@@ -486,9 +492,14 @@ class _SplitPrompt:
             if len(self._heads) >= 8:
                 self._heads = {}
             self._heads[counts] = head
-        tail = self.tail
-        rest = backend.tokenizer([q + tail for q in questions], add_special_tokens=False)["input_ids"]
-        return [head + ids for ids in rest]
+        tail, rests = self.tail, self._rests
+        new = [q for q in dict.fromkeys(questions) if q not in rests]
+        if new:
+            if len(rests) + len(new) > REST_CACHE_SIZE:
+                rests.clear()
+            ids = backend.tokenizer([q + tail for q in new], add_special_tokens=False)["input_ids"]
+            rests.update(zip(new, ids))
+        return [head + rests[q] for q in questions]
 
 
 def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> str:
