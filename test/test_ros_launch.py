@@ -217,7 +217,9 @@ def test_launch_arguments_params_file_model_sim_time_topics_and_namespace(colcon
         camera = Camera(ros, observer, namespace="robot1", image="/cam/rgb")
         assert camera.connected(process), process.poll()
         assert observer.count_subscribers("/camera/image_raw") == 0 and observer.count_subscribers("/points") == 0
-        assert observer.count_publishers("/robot1/points") == 1 and observer.count_publishers("/robot1/odom") == 1
+        # Publishers are discovered on their own schedule: wait for them (a missing one never appears).
+        assert ros.spin_until(lambda: observer.count_publishers("/robot1/points") == 1
+                              and observer.count_publishers("/robot1/odom") == 1, 20)
         camera.frame(5.0)
         assert camera.served(5.0)
         camera.check_cloud(5.0, 17)
