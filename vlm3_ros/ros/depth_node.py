@@ -119,8 +119,7 @@ class DepthNode(PerceptionNode):
         image, info = messages["image"], messages["camera_info"]
         rgb, intrinsics = self.decode_frame(messages, values)
         height, width = rgb.shape[:2]
-        if not info.header.frame_id:
-            raise FrameRejected("bad_camera_info", "camera_info has an empty frame_id; outputs need the optical frame")
+        self.require_optical_frame(info)
         reference = self.reference_depth(messages, width, height, values["max_depth"])
         estimator = self._depth_estimator(values)
         dense_on = values["dense.enabled"] or values["dense.cloud"]

@@ -277,6 +277,13 @@ class PerceptionNode(LifecycleNode):
         return rgb, intrinsics_for(info, width, height)
 
     @staticmethod
+    def require_optical_frame(info: Any) -> None:
+        """Raise :class:`FrameRejected` ``bad_camera_info`` when the CameraInfo names no frame: outputs
+        in the optical frame need it."""
+        if not info.header.frame_id:
+            raise FrameRejected("bad_camera_info", "camera_info has an empty frame_id; outputs need the optical frame")
+
+    @staticmethod
     def depth_spec(backend: Any, depth_kind: str) -> Any:
         """``backend``'s depth task spec with the ``depth_kind`` parameter applied (``spec``: as the
         checkpoint says)."""

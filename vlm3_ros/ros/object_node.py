@@ -128,8 +128,7 @@ class ObjectNode(PerceptionNode):
         image, info = messages["image"], messages["camera_info"]
         rgb, intrinsics = self.decode_frame(messages, values)
         height, width = rgb.shape[:2]
-        if not info.header.frame_id:
-            raise FrameRejected("bad_camera_info", "camera_info has an empty frame_id; outputs need the optical frame")
+        self.require_optical_frame(info)
         detections, bad = detections_from_msg(messages["detections"])
         for reason in bad:
             self.problem("bad_detection", reason, skipped=False)
