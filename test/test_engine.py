@@ -85,38 +85,65 @@ def test_encode_matches_the_processor(tiny_backend):
     assert tiny_backend.encode(again).input_ids[0] == head + tokenize(QUESTIONS[3])
 
 
-def test_last_layer_for_the_last_token_only_equals_the_full_forward(tiny_backend):
-    """The suffix prefill runs the last layer's query, attention, MLP and norm for each row's last
-    token only; its hidden states equal those of the model's whole forward (to float rounding)."""
+def test_direct_qwen3_vl_layers_equal_the_models_own_forward(tiny_backend):
+    """The engine runs Qwen3-VL's vision tower and text layers directly (per-grid and per-head
+    tensors kept, fused projections, the last layer for each row's last token only). The prefix's
+    keys and values, and the rows' final hidden states and keys, equal those of the model's own
+    modules (to float rounding); two images (a correspondence prompt) exercise the DeepStack and
+    multimodal positions of both."""
     from vlm3_ros.engine import shared_prefix as sp
+    from vlm3_ros.engine.qwen3_vl import RowCache, TextRows, VisionTower
 
-    request = Request(images=[_image(4)], questions=QUESTIONS)
+    model, inner = tiny_backend.model, tiny_backend.model.model
+    rows, tower = TextRows.for_model(model), VisionTower.for_model(model)
+    assert rows is not None and tower is not None
+    assert TextRows.for_model(model) is rows  # made once per model
+    # The modules' weights are views into the fused projections: one copy of the numbers.
+    attn = inner.language_model.layers[0].self_attn
+    assert attn.q_proj.weight.data_ptr() == rows.layers[0].qkv.data_ptr()
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == rows.layers[0].qkv.untyped_storage().data_ptr()
+
+    request = Request(images=[_image(4), _image(5, 200, 100)], questions=QUESTIONS, spec=protocol.CORRESPONDENCE)
     encoded = tiny_backend.encode(request)
     n = encoded.shared_prefix_length()
     ids = encoded.input_ids[0]
     prefix_ids = torch.tensor([ids[:n]])
-    prefix = sp.prefill_prefix(tiny_backend.model, sp.PrefixInputs(
-        prefix_ids, (prefix_ids == tiny_backend.image_token_id).int(), encoded.pixel_values, encoded.image_grid_thw))
+    types = (prefix_ids == tiny_backend.image_token_id).int()
+    with torch.inference_mode():
+        embeds, deepstack = tower(encoded.pixel_values, encoded.image_grid_thw)
+        direct_kv, direct_delta = rows.prefill(prefix_ids, types, encoded.image_grid_thw, embeds, deepstack)
+        own = inner(input_ids=prefix_ids, attention_mask=torch.ones_like(prefix_ids), mm_token_type_ids=types,
+                    pixel_values=encoded.pixel_values, image_grid_thw=encoded.image_grid_thw, use_cache=True)
+    cache = own["cache"] if "cache" in own else own["past_key_values"]
+    assert direct_delta == int(inner.rope_deltas.reshape(-1)[0]) != 0
+    assert len(direct_kv) == len(cache.layers) == 2
+    for (k, v), layer in zip(direct_kv, cache.layers):
+        assert k.shape == layer.keys.shape and k.shape[2] == n
+        assert torch.allclose(k, layer.keys, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(v, layer.values, atol=1e-5, rtol=1e-5)
+
+    prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]
     suffixes = [row[n:] for row in encoded.input_ids]
     width = max(len(s) for s in suffixes)
     batch_ids = torch.tensor([s + [0] * (width - len(s)) for s in suffixes])
     lengths = torch.tensor([len(s) for s in suffixes])
     columns = torch.arange(width)
-    positions = sp._positions(prefix.length + columns[None, :].expand(len(suffixes), -1), prefix.rope_delta)
+    text_positions = n + columns[None, :].expand(len(suffixes), -1)
     mask = (columns[None, :] < lengths[:, None])[:, None, :] & (columns[None, None, :] <= columns[None, :, None])
     results = []
-    for trimmed in (True, False):
-        state = sp.SharedPrefixState(prefix.kv, len(suffixes), width + 1)
-        state.mask = mask
+    for direct in (True, False):
+        rows_cache = RowCache(prefix_kv, len(suffixes), width + 1)
+        rows_cache.mask = mask
         with torch.inference_mode():
-            if trimmed:
-                results.append(sp._last_hidden(tiny_backend.model.model, batch_ids, positions, state, lengths - 1))
-            else:
-                hidden = tiny_backend.model.model(input_ids=batch_ids, position_ids=positions, attention_mask=mask[:, None],
-                                                  use_cache=False, **{sp._STATE_KWARG: state}).last_hidden_state
+            if direct:
+                results.append(rows.last_hidden(batch_ids, text_positions + direct_delta, rows_cache, lengths - 1))
+            else:  # the model's own modules, attention over the same cache
+                hidden = inner.language_model(
+                    input_ids=batch_ids, position_ids=sp._positions(text_positions, direct_delta),
+                    attention_mask=mask[:, None], use_cache=False, **{sp._STATE_KWARG: rows_cache}).last_hidden_state
                 results.append(hidden[torch.arange(len(suffixes)), lengths - 1])
-        results.append([k[:, :, :width].clone() for k in state.keys])
-    assert results[0].shape == results[2].shape == (len(suffixes), tiny_backend.model.config.text_config.hidden_size)
+        results.append([k[:, :, :width].clone() for k in rows_cache.keys])
+    assert results[0].shape == results[2].shape == (len(suffixes), model.config.text_config.hidden_size)
     assert torch.allclose(results[0], results[2], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(results[0][0], results[0][1])  # the rows differ: the comparison can fail
     for a, b in zip(results[1], results[3]):  # the keys every row's later tokens read
