@@ -233,6 +233,8 @@ class Stream:
         self.status: Dict[str, Dict[str, str]] = {}
         self.status_level: Dict[str, int] = {}
         self.status_time: Dict[str, float] = {}
+        self.status_before: Dict[str, Dict[str, str]] = {}  # each node's report before its last one
+        self.last_output: Dict[str, float] = {n: 0.0 for n in nodes}
         for name in nodes:
             topic, module, cls = OUTPUTS[name]
             msg_type = getattr(importlib.import_module(module), cls)
@@ -244,11 +246,13 @@ class Stream:
         now = time.monotonic()
         stamp = int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
         self.received[node].setdefault(stamp, now)
+        self.last_output[node] = now
 
     def _diagnostics(self, msg: Any) -> None:
         for status in msg.status:
             name = status.name.split("/")[-1]
             if name in self.received:
+                self.status_before[name] = self.status.get(name, {})
                 self.status[name] = {kv.key: kv.value for kv in status.values}
                 self.status_time[name] = time.monotonic()
                 level = status.level
@@ -263,13 +267,22 @@ class Stream:
             self.executor.spin_once(timeout_sec=min(left, 0.02))
 
     def wait_idle(self, nodes: Sequence[str], timeout: float) -> bool:
-        """Spin until every node reports an idle worker in a report made after this call (its last frames
-        served), so that the engine is then timed alone."""
+        """Spin until every node's counters have settled after its last frames: an idle worker in a
+        report received well after this call and after the node's last output, with the same
+        published count as the report before it. A report is made on a timer, so one received just
+        after an output can predate that output's publication; two agreeing reports cannot. The
+        engine is then timed alone, and the counters read from these reports."""
         start = time.monotonic()
+
+        def settled(node: str) -> bool:
+            status, before = self.status.get(node, {}), self.status_before.get(node, {})
+            return (self.status_time.get(node, 0.0) > max(start + 0.5, self.last_output[node] + 0.2)
+                    and status.get("backend_state") == "ready"
+                    and status.get("frames_published") == before.get("frames_published"))
+
         while time.monotonic() < start + timeout:
             self.spin(0.2)
-            if all(self.status_time.get(n, 0.0) > start + 0.5 and self.status[n].get("backend_state") == "ready"
-                   for n in nodes):
+            if all(settled(n) for n in nodes):
                 return True
         return False
 
