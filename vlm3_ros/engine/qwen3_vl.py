@@ -150,6 +150,10 @@ class _Layer:
         self.scaling = attn.scaling
         self.q_norm, self.k_norm = attn.q_norm.weight, attn.k_norm.weight
         self.qk_eps = attn.q_norm.variance_epsilon
+        if attn.k_norm.variance_epsilon != self.qk_eps:
+            raise ValueError("query and key norms with different epsilons")
+        # one weight row per head: the query heads' norm, then the key heads'
+        self.qk_norm = torch.cat([self.q_norm.expand(self.heads, -1), self.k_norm.expand(self.kv_heads, -1)])
         self.gate_up, _ = _fuse([mlp.gate_proj, mlp.up_proj])
         self.down = mlp.down_proj.weight
         self.act = mlp.act_fn
@@ -163,17 +167,14 @@ class _Layer:
         h, hkv, d = self.heads, self.kv_heads, self.head_dim
         x = _rms(hidden, self.ln1, self.eps)
         qkv = F.linear(x, self.qkv, self.qkv_bias).view(batch, width, h + 2 * hkv, d)
-        if query_rows is None:
-            q = _rms(qkv[:, :, :h], self.q_norm, self.qk_eps).transpose(1, 2)
-            qc, qs = cos, sin
-        else:
-            rows = torch.arange(batch, device=hidden.device)
-            q = _rms(qkv[rows, query_rows, :h][:, None], self.q_norm, self.qk_eps).transpose(1, 2)
-            qc, qs = cos[rows, query_rows][:, None, None], sin[rows, query_rows][:, None, None]
-        k = _rms(qkv[:, :, h : h + hkv], self.k_norm, self.qk_eps).transpose(1, 2)
         v = qkv[:, :, h + hkv :].transpose(1, 2)
-        if query_rows is None:
-            qc, qs = cos[:, None], sin[:, None]
+        if query_rows is None:  # queries and keys normed and rotated together (each head on its own)
+            qk = _rotate(_rms(qkv[:, :, : h + hkv], self.qk_norm, self.qk_eps).transpose(1, 2), cos[:, None], sin[:, None])
+            return qk[:, :h], qk[:, h:], v
+        rows = torch.arange(batch, device=hidden.device)
+        q = _rms(qkv[rows, query_rows, :h][:, None], self.q_norm, self.qk_eps).transpose(1, 2)
+        k = _rms(qkv[:, :, h : h + hkv], self.k_norm, self.qk_eps).transpose(1, 2)
+        qc, qs = cos[rows, query_rows][:, None, None], sin[rows, query_rows][:, None, None]
         return _rotate(q, qc, qs), _rotate(k, cos[:, None], sin[:, None]), v
 
     def finish(self, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
