@@ -85,14 +85,19 @@ def test_encode_matches_the_processor(tiny_backend):
     assert tiny_backend.encode(again).input_ids[0] == head + tokenize(QUESTIONS[3])
 
 
-def test_direct_qwen3_vl_layers_equal_the_models_own_forward(tiny_backend):
+@pytest.mark.parametrize("max_scores", [None, 0], ids=["scores-whole", "fused-attention"])
+def test_direct_qwen3_vl_layers_equal_the_models_own_forward(tiny_backend, max_scores, monkeypatch):
     """The engine runs Qwen3-VL's vision tower and text layers directly (per-grid and per-head
     tensors kept, fused projections, the last layer for each row's last token only). The prefix's
     keys and values, and the rows' final hidden states and keys, equal those of the model's own
     modules (to float rounding); two images (a correspondence prompt) exercise the DeepStack and
-    multimodal positions of both."""
+    multimodal positions of both. Both ways of attending are checked: the score matrix computed
+    whole (small batches) and the fused attention call (large ones, forced with a zero limit)."""
     from vlm3_ros.engine import shared_prefix as sp
     from vlm3_ros.engine.qwen3_vl import RowCache, TextRows, VisionTower
+
+    if max_scores is not None:
+        monkeypatch.setattr(RowCache, "MAX_SCORES", max_scores)
 
     model, inner = tiny_backend.model, tiny_backend.model.model
     rows, tower = TextRows.for_model(model), VisionTower.for_model(model)
@@ -187,7 +192,12 @@ def varied_backend(request, tiny_checkpoint):
     return backend
 
 
-def test_shared_prefix_equals_reference_token_for_token(varied_backend):
+@pytest.mark.parametrize("max_scores", [None, 0], ids=["scores-whole", "fused-attention"])
+def test_shared_prefix_equals_reference_token_for_token(varied_backend, max_scores, monkeypatch):
+    from vlm3_ros.engine.qwen3_vl import RowCache
+
+    if max_scores is not None:
+        monkeypatch.setattr(RowCache, "MAX_SCORES", max_scores)
     request = Request(images=[_image(3)], questions=QUESTIONS, max_new_tokens=24)
     reference = varied_backend.answer_reference(request)
     engine = varied_backend.answer(request)

@@ -37,6 +37,9 @@ class RowCache:
     ``[B, l, length + l]`` of the row's own columns for the ``l`` tokens of the current forward
     (every token sees the whole prefix)."""
 
+    #: score matrices above this many elements are not materialised (see :meth:`attend`)
+    MAX_SCORES = 1 << 22
+
     def __init__(self, prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]], batch: int, capacity: int) -> None:
         self.prefix = [(k[0], v[0]) for k, v in prefix_kv]
         hkv, _, dim = self.prefix[0][0].shape
@@ -78,8 +81,12 @@ class RowCache:
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scaling: float) -> torch.Tensor:
         """Write the forward's keys and values ``[B, Hkv, w, d]`` at ``length`` and attend ``query``
-        ``[B, H, l, d]`` over the prefix and each row's own columns in one softmax.
-        Returns ``[B, l, H, d]``."""
+        ``[B, H, l, d]`` over the prefix and each row's own columns. Returns ``[B, l, H, d]``.
+
+        Small score matrices (decoding, short questions) are computed whole and take one softmax,
+        the prefix read in place; large ones (long questions over a long prefix, where the scores
+        would take more memory than the keys) go through one fused attention call over the prefix
+        broadcast to the rows, which never holds the scores."""
         batch, heads, width, dim = query.shape
         start = self.length
         self.keys[layer][:, :, start : start + key.shape[2]] = key
@@ -88,6 +95,13 @@ class RowCache:
         own_v = self.values[layer][:, :, : start + key.shape[2]]
         prefix_k, prefix_v = self.prefix[layer]
         kv_heads, prefix_len = prefix_k.shape[0], prefix_k.shape[1]
+        if batch * heads * width * (prefix_len + own_k.shape[2]) > self.MAX_SCORES:
+            keys = torch.cat([prefix_k.expand(batch, -1, -1, -1), own_k], dim=2)
+            values = torch.cat([prefix_v.expand(batch, -1, -1, -1), own_v], dim=2)
+            visible = torch.cat([self._mask.new_ones(batch, width, prefix_len), self._mask], dim=-1)
+            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible[:, None], scale=scaling,
+                                                 enable_gqa=heads != kv_heads)
+            return out.transpose(1, 2)
         rows = heads // kv_heads * width
         # Query head h reads kv head h // group (as repeat_kv does): group the heads under their kv head.
         q = query.reshape(batch, kv_heads, rows, dim)
