@@ -107,6 +107,12 @@ def test_direct_qwen3_vl_layers_equal_the_models_own_forward(tiny_backend, max_s
     attn = inner.language_model.layers[0].self_attn
     assert attn.q_proj.weight.data_ptr() == rows.layers[0].qkv.data_ptr()
     assert attn.k_proj.weight.untyped_storage().data_ptr() == rows.layers[0].qkv.untyped_storage().data_ptr()
+    # ... ordinary tensors, though made while answering (inference mode): the model still trains.
+    with torch.enable_grad():
+        model.model.language_model.layers[0].self_attn.q_proj.weight.requires_grad_(True)
+        model(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
+        assert attn.q_proj.weight.grad is not None and attn.q_proj.weight.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
 
     request = Request(images=[_image(4), _image(5, 200, 100)], questions=QUESTIONS, spec=protocol.CORRESPONDENCE)
     encoded = tiny_backend.encode(request)

@@ -39,12 +39,14 @@ class StandIn:
     the stop string left out of the text as vLLM does, and named in ``stop_reason``), ``status:N``,
     ``malformed``, ``sleep:S`` (answers after S seconds), ``unauthorized:KEY`` (401 unless the
     bearer token is KEY). ``fail_first``: that many chat requests get HTTP 503 first.
+    ``reject``: a question holding this text gets HTTP 400 at once, whatever the mode.
     """
 
     def __init__(self, models: List[Dict[str, Any]] | None = None) -> None:
         self.models = models if models is not None else [{"id": "served-model", "root": "/nonexistent"}]
         self.mode = "ok"
         self.fail_first = 0
+        self.reject: str | None = None
         self.requests: List[Dict[str, Any]] = []
         self.in_flight = 0
         self.most_in_flight = 0
@@ -75,8 +77,11 @@ class StandIn:
                     failing = outer.fail_first > 0
                     outer.fail_first -= int(failing)
                 mode = outer.mode
+                text = body["messages"][0]["content"][-1]["text"]
                 if failing:
                     self._send(503, b'{"error": {"message": "warming up"}}')
+                elif outer.reject is not None and outer.reject in text:
+                    self._send(400, b'{"error": {"message": "told to reject this question"}}')
                 elif mode.startswith("status:"):
                     self._send(int(mode.split(":")[1]), b'{"error": {"message": "told to fail"}}')
                 elif mode == "malformed":
@@ -222,6 +227,31 @@ def test_transient_faults_recover_and_count_a_reconnection(standin):
         backend.answer(_request(2))
     standin.mode = "ok"
     assert backend.answer(_request(2)).answers[1] == "<answer> 2.50 </answer>"
+    health = backend.health()
+    assert health["backend_connection"] == "connected" and health["backend_reconnects"] == 1
+
+
+def test_answers_arriving_after_their_frame_failed_leave_the_fault_standing(standin):
+    """One question of a frame is rejected at once while the others are still being answered: the
+    frame fails, and the answers that arrive afterwards neither report the connection good again
+    nor count a reconnection; the next frame answered does."""
+    standin.mode = "sleep:0.6"
+    request = _request(4)
+    standin.reject = request.questions[2]
+    backend = ServerBackend(standin.url, model="served-model", retries=0, timeout=10)
+    backend._specs = dict(protocol.TASKS)  # the task specs are not what is tested here
+    with pytest.raises(ServerError) as info:
+        backend.answer(request)
+    assert info.value.kind == "backend_rejected" and info.value.status == 400
+    assert backend.health()["backend_requests"] == 1  # the other three were still being answered
+    deadline = time.monotonic() + 10
+    while backend.health()["backend_requests"] < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    health = backend.health()
+    assert health["backend_requests"] == 4 and health["backend_failures"] == 1
+    assert health["backend_connection"] == "backend_rejected" and health["backend_reconnects"] == 0
+    standin.reject, standin.mode = None, "ok"
+    assert len(backend.answer(request).answers) == 4
     health = backend.health()
     assert health["backend_connection"] == "connected" and health["backend_reconnects"] == 1
 

@@ -210,14 +210,18 @@ class ServerBackend(Backend):
         t_encode = time.perf_counter() - t0
         images = [{"type": "image_url", "image_url": {"url": url}} for url in urls]
         stops = list(request.spec.stop_strings)
+        failed = threading.Event()  # set with the frame's first fault (see _ok)
         futures = [
-            self._pool.submit(self._complete, model, images, question, stops, request.max_new_tokens)
+            self._pool.submit(self._complete, model, images, question, stops, request.max_new_tokens, failed)
             for question in request.questions
         ]
-        done = []
         try:
-            for future in futures:
-                done.append(future.result())
+            # The frame fails with its first fault, not after the questions before it are answered.
+            finished, _ = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+            faults = [f.exception() for f in futures if f in finished and f.exception() is not None]
+            if faults:
+                raise faults[0]
+            done = [future.result() for future in futures]
         except BaseException:
             for future in futures:  # the frame has failed: do not send what is still queued
                 future.cancel()
@@ -236,7 +240,7 @@ class ServerBackend(Backend):
     # -- requests ------------------------------------------------------------------------------
 
     def _complete(self, model: str, images: list[dict[str, Any]], question: str, stops: Sequence[str],
-                  max_tokens: int) -> tuple[str, int, int, str]:
+                  max_tokens: int, frame: threading.Event | None = None) -> tuple[str, int, int, str]:
         payload: dict[str, Any] = {
             "model": model,
             "messages": [{"role": "user", "content": [*images, {"type": "text", "text": question}]}],
@@ -245,7 +249,7 @@ class ServerBackend(Backend):
         }
         if stops:
             payload["stop"] = list(stops)
-        reply = self._call("POST", "/chat/completions", payload)
+        reply = self._call("POST", "/chat/completions", payload, frame)
         try:
             choice = reply["choices"][0]
             text = choice["message"]["content"] or ""
@@ -253,9 +257,9 @@ class ServerBackend(Backend):
             usage = reply.get("usage") or {}
         except (KeyError, IndexError, TypeError) as exc:
             raise self._fault(ServerError("backend_bad_response", f"{self.url}/chat/completions: reply without "
-                                          f"choices[0].message.content ({type(exc).__name__}: {exc})")) from None
+                                          f"choices[0].message.content ({type(exc).__name__}: {exc})"), frame) from None
         if not isinstance(text, str):
-            raise self._fault(ServerError("backend_bad_response", "the answer content is not a string"))
+            raise self._fault(ServerError("backend_bad_response", "the answer content is not a string"), frame)
         # vLLM names the stop string that ended the answer in stop_reason, SGLang in matched_stop;
         # the answer text leaves it out, the in-process engine keeps it (answers close their tags).
         matched = choice.get("stop_reason", choice.get("matched_stop"))
@@ -268,19 +272,20 @@ class ServerBackend(Backend):
             finish = "length" if reason == "length" else str(reason)
         return text, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), finish
 
-    def _call(self, method: str, path: str, payload: Any = None) -> Any:
-        """One HTTP request with retries on transient faults; the decoded JSON reply."""
+    def _call(self, method: str, path: str, payload: Any = None, frame: threading.Event | None = None) -> Any:
+        """One HTTP request with retries on transient faults; the decoded JSON reply. ``frame``: the
+        failure flag of the frame the request belongs to."""
         attempt = 0
         while True:
             try:
                 reply = self._once(method, path, payload)
             except ServerError as exc:
                 if not exc.transient or attempt >= self.retries:
-                    raise self._fault(exc) from None
+                    raise self._fault(exc, frame) from None
                 time.sleep(self.backoff * 2 ** attempt)
                 attempt += 1
                 continue
-            self._ok()
+            self._ok(frame)
             return reply
 
     def _once(self, method: str, path: str, payload: Any) -> Any:
@@ -350,19 +355,25 @@ class ServerBackend(Backend):
 
     # -- state -----------------------------------------------------------------------------------
 
-    def _ok(self) -> None:
+    def _ok(self, frame: threading.Event | None = None) -> None:
         with self._lock:
             self.requests += 1
+            if frame is not None and frame.is_set():
+                # A question still in flight when its frame failed: its answer does not make the
+                # connection good again (nor count a reconnection); the frame's fault stays the state.
+                return
             if self.state not in ("connected", "not contacted"):
                 self.reconnects += 1
             self.state = "connected"
 
-    def _fault(self, exc: ServerError) -> ServerError:
+    def _fault(self, exc: ServerError, frame: threading.Event | None = None) -> ServerError:
         with self._lock:
             self.requests += 1
             self.failures += 1
             self.state = exc.kind
             self.last_error = str(exc)[:300]
+            if frame is not None:
+                frame.set()
         return exc
 
 
