@@ -22,12 +22,15 @@ forward in the tests (hidden states, keys and values, answers token for token ag
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
 __all__ = ["RowCache", "TextRows", "VisionTower"]
+
+_MAKING = threading.Lock()  # one thread at a time makes (and fuses) a model's direct layers
 
 
 class RowCache:
@@ -215,13 +218,14 @@ class TextRows:
         layers = getattr(text, "layers", None)
         if not layers or any(type(layer).__name__ not in cls.LAYER_TYPES for layer in layers):
             return None
-        rows = getattr(inner, "_vlm3_text_rows", None)
-        if rows is None or rows.layers[0].qkv.data_ptr() != layers[0].self_attn.q_proj.weight.data_ptr():
-            # first use, or the model was moved or cast since (its weights are new tensors); made
-            # outside inference mode: the modules' weights become views of what is made here
-            with torch.inference_mode(False):
-                rows = cls(inner, text)
-            inner._vlm3_text_rows = rows
+        with _MAKING:
+            rows = getattr(inner, "_vlm3_text_rows", None)
+            if rows is None or rows.layers[0].qkv.data_ptr() != layers[0].self_attn.q_proj.weight.data_ptr():
+                # first use, or the model was moved or cast since (its weights are new tensors); made
+                # outside inference mode: the modules' weights become views of what is made here
+                with torch.inference_mode(False):
+                    rows = cls(inner, text)
+                inner._vlm3_text_rows = rows
         return rows
 
     def __init__(self, inner: Any, text: Any) -> None:
@@ -332,11 +336,12 @@ class VisionTower:
         visual = getattr(inner, "visual", None)
         if visual is None or type(visual).__name__ not in cls.MODEL_TYPES:
             return None
-        tower = getattr(inner, "_vlm3_vision_tower", None)
-        if tower is None or tower.patch_weight.data_ptr() != visual.patch_embed.proj.weight.data_ptr():
-            with torch.inference_mode(False):
-                tower = cls(visual)
-            inner._vlm3_vision_tower = tower
+        with _MAKING:
+            tower = getattr(inner, "_vlm3_vision_tower", None)
+            if tower is None or tower.patch_weight.data_ptr() != visual.patch_embed.proj.weight.data_ptr():
+                with torch.inference_mode(False):
+                    tower = cls(visual)
+                inner._vlm3_vision_tower = tower
         return tower
 
     def __init__(self, visual: Any) -> None:
