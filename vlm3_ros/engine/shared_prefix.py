@@ -5,9 +5,10 @@ their first ``P`` tokens (the image tokens and whatever text precedes the questi
 difference). This module prefills that prefix once, at batch size one, and then decodes all
 questions as one batch whose attention reads the shared prefix keys and values in place:
 
-* attention of a row = softmax over [prefix keys ; the row's own keys]: the prefix's keys and
-  values are copied into each row's cache once per batch (:class:`~.qwen3_vl.RowCache`), and every
-  layer reads them with one fused attention call, the row's padding masked;
+* attention of a row = softmax over [prefix keys ; the row's own keys] (:class:`~.qwen3_vl.RowCache`):
+  every row's scores against the one prefix are a single product, normalised together with the
+  row's scores against its own tokens (padding masked); long questions over a long prefix, whose
+  scores would take more memory than the keys, take one fused attention call instead;
 * each row's tokens carry their exact positions (text and multimodal RoPE), so a row sees exactly
   what it would see in a prompt of its own;
 * a row stops at end of turn, at a stop string or at ``max_new_tokens``; finished rows are removed
