@@ -416,6 +416,18 @@ class _DirectImages:
 
     def __init__(self, processor) -> None:
         self.p = processor
+        self._table: np.ndarray | None = None
+
+    def _value_table(self, channels: int) -> np.ndarray:
+        """``[channels, 256]``: what rescale then normalize make of each uint8 value in each channel,
+        computed by those very steps on an image holding every value once. Both are element-wise,
+        so looking a pixel's value up gives the number the steps give for it."""
+        if self._table is None or self._table.shape[0] != channels:
+            p = self.p
+            values = np.broadcast_to(np.arange(256, dtype=np.uint8), (channels, 1, 256)).copy()
+            table = p.normalize(p.rescale(values, p.rescale_factor), p.image_mean, p.image_std)
+            self._table = np.ascontiguousarray(table.reshape(channels, 256))
+        return self._table
 
     @staticmethod
     def applies(processor, images: Sequence[np.ndarray]) -> bool:
@@ -435,10 +447,14 @@ class _DirectImages:
             image = np.moveaxis(np.asarray(image), -1, 0)  # HWC -> CHW, as the processor's own conversion
             if p.do_resize:
                 image = p.resize(image, size=p.size, resample=p.resample, factor=p.patch_size * p.merge_size)
-            if p.do_rescale:
-                image = p.rescale(image, p.rescale_factor)
-            if p.do_normalize:
-                image = p.normalize(image, p.image_mean, p.image_std)
+            if p.do_rescale and p.do_normalize and image.dtype == np.uint8:
+                table = self._value_table(image.shape[0])
+                image = np.stack([np.take(table[c], image[c]) for c in range(image.shape[0])])
+            else:
+                if p.do_rescale:
+                    image = p.rescale(image, p.rescale_factor)
+                if p.do_normalize:
+                    image = p.normalize(image, p.image_mean, p.image_std)
             flat, grid_h, grid_w = p.patchify(image, patch_size=p.patch_size, merge_size=p.merge_size,
                                               temporal_patch_size=p.temporal_patch_size)
             patches.append(flat)
