@@ -130,6 +130,7 @@ class TransformersBackend(Backend):
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._renderers: dict[int, Any] = {}
         self._direct_images: bool | None = None  # None: not yet checked against the processor
+        self._direct = _DirectImages(self.processor.image_processor)
         self.load_seconds = time.perf_counter() - t0
         if warmup:
             self.warmup()
@@ -311,8 +312,7 @@ class TransformersBackend(Backend):
         differ, and for any other processor, the processor is called as it is.
         """
         if self._direct_images is not False and _DirectImages.applies(self.processor.image_processor, images):
-            direct = _DirectImages(self.processor.image_processor)
-            features = direct(images)
+            features = self._direct(images)
             if self._direct_images is None:
                 import torch
 
