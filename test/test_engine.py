@@ -94,7 +94,8 @@ def test_direct_qwen3_vl_layers_equal_the_models_own_forward(tiny_backend, max_s
     multimodal positions of both. Both ways of attending are checked: the score matrix computed
     whole (small batches) and the fused attention call (large ones, forced with a zero limit)."""
     from vlm3_ros.engine import shared_prefix as sp
-    from vlm3_ros.engine.qwen3_vl import RowCache, TextRows, VisionTower
+    from vlm3_ros.engine.qwen3_vl import TextRows, VisionTower
+    from vlm3_ros.engine.shared_prefix import RowCache
 
     if max_scores is not None:
         monkeypatch.setattr(RowCache, "MAX_SCORES", max_scores)
@@ -200,7 +201,7 @@ def varied_backend(request, tiny_checkpoint):
 
 @pytest.mark.parametrize("max_scores", [None, 0], ids=["scores-whole", "fused-attention"])
 def test_shared_prefix_equals_reference_token_for_token(varied_backend, max_scores, monkeypatch):
-    from vlm3_ros.engine.qwen3_vl import RowCache
+    from vlm3_ros.engine.shared_prefix import RowCache
 
     if max_scores is not None:
         monkeypatch.setattr(RowCache, "MAX_SCORES", max_scores)

@@ -7,8 +7,9 @@ calls, keyword plumbing, mask construction and re-deriving what does not change 
 same weights with the same operations directly:
 
 * :class:`TextRows` runs the text layers for the engine's rows (each row's tokens after the shared
-  prefix) over a :class:`RowCache`, and prefills the prefix itself (batch 1) with its DeepStack
-  features; the rotary tables and the prefix's multimodal positions are kept per prompt head.
+  prefix) over a :class:`~.shared_prefix.RowCache`, and prefills the prefix itself (batch 1) with
+  its DeepStack features; the rotary tables and the prefix's multimodal positions are kept per
+  prompt head.
 * :class:`VisionTower` runs the vision tower with its grid-dependent tensors (interpolated position
   embeddings, rotary angles, sequence bounds) kept per image grid, and the patch embedding as the
   matrix product it is (a convolution whose stride equals its kernel; three times faster on a CPU,
@@ -23,101 +24,30 @@ forward in the tests (hidden states, keys and values, answers token for token ag
 from __future__ import annotations
 
 import threading
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["RowCache", "TextRows", "VisionTower"]
+if TYPE_CHECKING:
+    from .shared_prefix import RowCache
+
+__all__ = ["TextRows", "VisionTower"]
 
 _MAKING = threading.Lock()  # one thread at a time makes (and fuses) a model's direct layers
 
 
-class RowCache:
-    """Keys and values per layer of a batch of rows that share one prefix: the prefix's own
-    ``[Hkv, P, d]`` (read in place by every row) and each row's tokens ``[B, Hkv, capacity, d]``.
-
-    ``length`` is the number of each row's columns written; ``mask`` is the visibility
-    ``[B, l, length + l]`` of the row's own columns for the ``l`` tokens of the current forward
-    (every token sees the whole prefix)."""
-
-    #: score matrices above this many elements are not materialised (see :meth:`attend`)
-    MAX_SCORES = 1 << 22
-
-    def __init__(self, prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]], batch: int, capacity: int) -> None:
-        self.prefix = [(k[0], v[0]) for k, v in prefix_kv]
-        hkv, _, dim = self.prefix[0][0].shape
-        shape = (batch, hkv, capacity, dim)
-        self.keys = [torch.empty(shape, dtype=k.dtype, device=k.device) for k, _ in self.prefix]
-        self.values = [torch.empty(shape, dtype=v.dtype, device=v.device) for _, v in self.prefix]
-        self.length = 0
-        self._mask: torch.Tensor | None = None
-        self._bias: torch.Tensor | None = None
-
-    @property
-    def mask(self) -> torch.Tensor | None:
-        return self._mask
-
-    @mask.setter
-    def mask(self, mask: torch.Tensor) -> None:
-        self._mask, self._bias = mask, None
-
-    @property
-    def batch(self) -> int:
-        return self.keys[0].shape[0]
-
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        """Drop finished rows (``rows``: indices to keep)."""
-        self.keys = [k.index_select(0, rows) for k in self.keys]
-        self.values = [v.index_select(0, rows) for v in self.values]
-
-    def _score_bias(self, group: int, dtype: torch.dtype) -> torch.Tensor:
-        """0 / -inf ``[B, 1, group * l, P + S]`` for scores whose rows are (head in group, token)."""
-        if self._bias is None:
-            batch, width, columns = self._mask.shape
-            own = torch.zeros(self._mask.shape, dtype=dtype, device=self._mask.device)
-            own.masked_fill_(~self._mask, float("-inf"))
-            own = own[:, None].expand(batch, group, width, columns).reshape(batch, 1, group * width, columns)
-            prefix = own.new_zeros(batch, 1, group * width, self.prefix[0][0].shape[1])
-            self._bias = torch.cat([prefix, own], dim=-1)
-        return self._bias
-
-    def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               scaling: float) -> torch.Tensor:
-        """Write the forward's keys and values ``[B, Hkv, w, d]`` at ``length`` and attend ``query``
-        ``[B, H, l, d]`` over the prefix and each row's own columns. Returns ``[B, l, H, d]``.
-
-        Small score matrices (decoding, short questions) are computed whole and take one softmax,
-        the prefix read in place; large ones (long questions over a long prefix, where the scores
-        would take more memory than the keys) go through one fused attention call over the prefix
-        broadcast to the rows, which never holds the scores."""
-        batch, heads, width, dim = query.shape
-        start = self.length
-        self.keys[layer][:, :, start : start + key.shape[2]] = key
-        self.values[layer][:, :, start : start + key.shape[2]] = value
-        own_k = self.keys[layer][:, :, : start + key.shape[2]]
-        own_v = self.values[layer][:, :, : start + key.shape[2]]
-        prefix_k, prefix_v = self.prefix[layer]
-        kv_heads, prefix_len = prefix_k.shape[0], prefix_k.shape[1]
-        if batch * heads * width * (prefix_len + own_k.shape[2]) > self.MAX_SCORES:
-            keys = torch.cat([prefix_k.expand(batch, -1, -1, -1), own_k], dim=2)
-            values = torch.cat([prefix_v.expand(batch, -1, -1, -1), own_v], dim=2)
-            visible = torch.cat([self._mask.new_ones(batch, width, prefix_len), self._mask], dim=-1)
-            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible[:, None], scale=scaling,
-                                                 enable_gqa=heads != kv_heads)
-            return out.transpose(1, 2)
-        rows = heads // kv_heads * width
-        # Query head h reads kv head h // group (as repeat_kv does): group the heads under their kv head.
-        q = query.reshape(batch, kv_heads, rows, dim)
-        # The prefix part: every row of every question against the one prefix, as a single product.
-        scores_p = torch.matmul(q.transpose(0, 1).reshape(kv_heads, batch * rows, dim), prefix_k.transpose(-1, -2))
-        scores_p = scores_p.view(kv_heads, batch, rows, prefix_len).transpose(0, 1)
-        scores = torch.cat([scores_p, torch.matmul(q, own_k.transpose(-1, -2))], dim=-1).float()
-        scores = scores * scaling + self._score_bias(heads // kv_heads, scores.dtype)
-        probs = torch.softmax(scores, dim=-1).to(value.dtype)
-        out_p = torch.matmul(probs[..., :prefix_len].transpose(0, 1).reshape(kv_heads, batch * rows, prefix_len), prefix_v)
-        out = out_p.view(kv_heads, batch, rows, dim).transpose(0, 1) + torch.matmul(probs[..., prefix_len:], own_v)
-        return out.reshape(batch, heads, width, dim).transpose(1, 2)
+def _kept(inner: Any, name: str, current: Callable[[Any], bool], make: Callable[[], Any]) -> Any:
+    """What ``make()`` makes for a model, kept on it as ``name`` and made again when ``current(kept)``
+    says the model's weights are no longer those it was made over (the model was moved or cast).
+    Made outside inference mode: the modules' weights may become views of what is made."""
+    with _MAKING:
+        kept = getattr(inner, name, None)
+        if kept is None or not current(kept):
+            with torch.inference_mode(False):
+                kept = make()
+            setattr(inner, name, kept)
+    return kept
 
 
 def _rms(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -218,19 +148,12 @@ class TextRows:
         layers = getattr(text, "layers", None)
         if not layers or any(type(layer).__name__ not in cls.LAYER_TYPES for layer in layers):
             return None
-        with _MAKING:
-            rows = getattr(inner, "_vlm3_text_rows", None)
-            if rows is None or rows.layers[0].qkv.data_ptr() != layers[0].self_attn.q_proj.weight.data_ptr():
-                # first use, or the model was moved or cast since (its weights are new tensors); made
-                # outside inference mode: the modules' weights become views of what is made here
-                with torch.inference_mode(False):
-                    rows = cls(inner, text)
-                inner._vlm3_text_rows = rows
-        return rows
+        return _kept(inner, "_vlm3_text_rows",
+                     lambda rows: rows.layers[0].qkv.data_ptr() == layers[0].self_attn.q_proj.weight.data_ptr(),
+                     lambda: cls(inner, text))
 
     def __init__(self, inner: Any, text: Any) -> None:
         self.inner = inner
-        self.text = text
         self.layers = [_Layer(layer) for layer in text.layers]
         self.embed = text.embed_tokens.weight
         self.norm, self.norm_eps = text.norm.weight, text.norm.variance_epsilon
@@ -308,8 +231,7 @@ class TextRows:
             visual = input_ids[0] == self.inner.config.image_token_id
             if int(visual.sum()) != image_embeds.shape[0]:
                 raise ValueError(f"{int(visual.sum())} image tokens in the prompt, {image_embeds.shape[0]} image features")
-            hidden = hidden.clone()
-            hidden[0, visual] = image_embeds.to(hidden.dtype)
+            hidden[0, visual] = image_embeds.to(hidden.dtype)  # the embedding's output is a new tensor
         kv = []
         for index, layer in enumerate(self.layers):
             q, k, v = layer.projections(hidden, cos, sin)
@@ -319,8 +241,7 @@ class TextRows:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer.scaling,
                                                  enable_gqa=layer.heads != layer.kv_heads)
             hidden = layer.finish(hidden, out.transpose(1, 2))
-            if visual is not None and index < len(deepstack):
-                hidden = hidden.clone()
+            if visual is not None and index < len(deepstack):  # ``finish`` made ``hidden`` anew
                 hidden[0, visual] = hidden[0, visual] + deepstack[index].to(hidden.dtype)
         return kv, delta
 
@@ -336,13 +257,9 @@ class VisionTower:
         visual = getattr(inner, "visual", None)
         if visual is None or type(visual).__name__ not in cls.MODEL_TYPES:
             return None
-        with _MAKING:
-            tower = getattr(inner, "_vlm3_vision_tower", None)
-            if tower is None or tower.patch_weight.data_ptr() != visual.patch_embed.proj.weight.data_ptr():
-                with torch.inference_mode(False):
-                    tower = cls(visual)
-                inner._vlm3_vision_tower = tower
-        return tower
+        return _kept(inner, "_vlm3_vision_tower",
+                     lambda tower: tower.patch_weight.data_ptr() == visual.patch_embed.proj.weight.data_ptr(),
+                     lambda: cls(visual))
 
     def __init__(self, visual: Any) -> None:
         self.visual = visual
@@ -372,11 +289,7 @@ class VisionTower:
         dtype = self.patch_weight.dtype
         pos_embeds = (v.pos_embed(indices) * weights[:, :, None]).sum(1).to(dtype)
         rotary = v.rotary_pos_emb(pos_embeds, positions)
-        merge = v.spatial_merge_size**2
-        found = {
-            "pos_embeds": pos_embeds, "rotary": rotary, "cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen,
-            "splits": (grid_thw.prod(-1) // merge).tolist(),
-        }
+        found = {"pos_embeds": pos_embeds, "rotary": rotary, "cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}
         if len(self._grids) > 16:
             self._grids.clear()
         self._grids[key] = found

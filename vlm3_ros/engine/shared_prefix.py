@@ -5,7 +5,7 @@ their first ``P`` tokens (the image tokens and whatever text precedes the questi
 difference). This module prefills that prefix once, at batch size one, and then decodes all
 questions as one batch whose attention reads the shared prefix keys and values in place:
 
-* attention of a row = softmax over [prefix keys ; the row's own keys] (:class:`~.qwen3_vl.RowCache`):
+* attention of a row = softmax over [prefix keys ; the row's own keys] (:class:`RowCache`):
   every row's scores against the one prefix are a single product, normalised together with the
   row's scores against its own tokens (padding masked); long questions over a long prefix, whose
   scores would take more memory than the keys, take one fused attention call instead;
@@ -21,7 +21,7 @@ questions about one frame) without running the vision tower or the prefix again.
 Qwen3-VL models run their text layers and vision tower directly (:mod:`.qwen3_vl`); other models
 run their own forward, with the attention plugged in through transformers' ``AttentionInterface``:
 the model's text attention implementation is replaced by a function that behaves exactly like the
-original one unless a :class:`~.qwen3_vl.RowCache` is passed in the forward call's keyword arguments.
+original one unless a :class:`RowCache` is passed in the forward call's keyword arguments.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
-from .qwen3_vl import RowCache, TextRows, VisionTower
+from .qwen3_vl import TextRows, VisionTower
 
 __all__ = [
     "DecodeResult",
@@ -54,10 +55,92 @@ _IMPL_PREFIX = "vlm3_shared_prefix:"
 # ------------------------------------------------------------------------------------------------
 
 
+class RowCache:
+    """Keys and values per layer of a batch of rows that share one prefix: the prefix's own
+    ``[Hkv, P, d]`` (read in place by every row) and each row's tokens ``[B, Hkv, capacity, d]``.
+
+    ``length`` is the number of each row's columns written; ``mask`` is the visibility
+    ``[B, l, length + l]`` of the row's own columns for the ``l`` tokens of the current forward
+    (every token sees the whole prefix)."""
+
+    #: score matrices above this many elements are not materialised (see :meth:`attend`)
+    MAX_SCORES = 1 << 22
+
+    def __init__(self, prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]], batch: int, capacity: int) -> None:
+        self.prefix = [(k[0], v[0]) for k, v in prefix_kv]
+        hkv, _, dim = self.prefix[0][0].shape
+        shape = (batch, hkv, capacity, dim)
+        self.keys = [torch.empty(shape, dtype=k.dtype, device=k.device) for k, _ in self.prefix]
+        self.values = [torch.empty(shape, dtype=v.dtype, device=v.device) for _, v in self.prefix]
+        self.length = 0
+        self._mask: torch.Tensor | None = None
+        self._bias: torch.Tensor | None = None
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        return self._mask
+
+    @mask.setter
+    def mask(self, mask: torch.Tensor) -> None:
+        self._mask, self._bias = mask, None
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Drop finished rows (``rows``: indices to keep)."""
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+
+    def _score_bias(self, group: int, dtype: torch.dtype) -> torch.Tensor:
+        """0 / -inf ``[B, 1, group * l, P + S]`` for scores whose rows are (head in group, token)."""
+        if self._bias is None:
+            batch, width, columns = self._mask.shape
+            own = torch.zeros(self._mask.shape, dtype=dtype, device=self._mask.device)
+            own.masked_fill_(~self._mask, float("-inf"))
+            own = own[:, None].expand(batch, group, width, columns).reshape(batch, 1, group * width, columns)
+            prefix = own.new_zeros(batch, 1, group * width, self.prefix[0][0].shape[1])
+            self._bias = torch.cat([prefix, own], dim=-1)
+        return self._bias
+
+    def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               scaling: float) -> torch.Tensor:
+        """Write the forward's keys and values ``[B, Hkv, w, d]`` at ``length`` and attend ``query``
+        ``[B, H, l, d]`` over the prefix and each row's own columns. Returns ``[B, l, H, d]``.
+
+        Small score matrices (decoding, short questions) are computed whole and take one softmax,
+        the prefix read in place; large ones (long questions over a long prefix, where the scores
+        would take more memory than the keys) go through one fused attention call over the prefix
+        broadcast to the rows, which never holds the scores."""
+        batch, heads, width, dim = query.shape
+        start, end = self.length, self.length + key.shape[2]
+        self.keys[layer][:, :, start:end] = key
+        self.values[layer][:, :, start:end] = value
+        own_k, own_v = self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        prefix_k, prefix_v = self.prefix[layer]
+        kv_heads, prefix_len = prefix_k.shape[0], prefix_k.shape[1]
+        if batch * heads * width * (prefix_len + own_k.shape[2]) > self.MAX_SCORES:
+            keys = torch.cat([prefix_k.expand(batch, -1, -1, -1), own_k], dim=2)
+            values = torch.cat([prefix_v.expand(batch, -1, -1, -1), own_v], dim=2)
+            visible = torch.cat([self._mask.new_ones(batch, width, prefix_len), self._mask], dim=-1)
+            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible[:, None], scale=scaling,
+                                                 enable_gqa=heads != kv_heads)
+            return out.transpose(1, 2)
+        rows = heads // kv_heads * width
+        # Query head h reads kv head h // group (as repeat_kv does): group the heads under their kv head.
+        q = query.reshape(batch, kv_heads, rows, dim)
+        # The prefix part: every row of every question against the one prefix, as a single product.
+        scores_p = torch.matmul(q.transpose(0, 1).reshape(kv_heads, batch * rows, dim), prefix_k.transpose(-1, -2))
+        scores_p = scores_p.view(kv_heads, batch, rows, prefix_len).transpose(0, 1)
+        scores = torch.cat([scores_p, torch.matmul(q, own_k.transpose(-1, -2))], dim=-1).float()
+        scores = scores * scaling + self._score_bias(heads // kv_heads, scores.dtype)
+        probs = torch.softmax(scores, dim=-1).to(value.dtype)
+        out_p = torch.matmul(probs[..., :prefix_len].transpose(0, 1).reshape(kv_heads, batch * rows, prefix_len), prefix_v)
+        out = out_p.view(kv_heads, batch, rows, dim).transpose(0, 1) + torch.matmul(probs[..., prefix_len:], own_v)
+        return out.reshape(batch, heads, width, dim).transpose(1, 2)
+
+
 def install_shared_prefix_attention(model: torch.nn.Module) -> str:
     """Make ``model``'s text attention able to read a shared prefix; returns the implementation name.
 
-    Without a :class:`~.qwen3_vl.RowCache` in the call, the installed function forwards to the
+    Without a :class:`RowCache` in the call, the installed function forwards to the
     model's original implementation (and mask construction is the original's), so the model's
     ordinary ``forward`` and ``generate`` are unchanged.
     """
@@ -193,7 +276,7 @@ def decode_suffixes(
     prefilled prefix; arguments as :func:`decode_shared_prefix`."""
     if any(len(s) == 0 for s in suffixes):
         raise ValueError("every question needs at least one token after the shared prefix")
-    inner = model.model
+    inner, rows = model.model, TextRows.for_model(model)
     lm_head = model.get_output_embeddings()
     device = prefix.kv[0][0].device
     timings = {"vision": 0.0, "prefix_prefill": 0.0, **(timings or {}), "suffix_prefill": 0.0, "decode": 0.0}
@@ -202,7 +285,7 @@ def decode_suffixes(
     for start in range(0, len(suffixes), max_batch):
         chunk = list(range(start, min(start + max_batch, len(suffixes))))
         _decode_chunk(
-            inner, lm_head, prefix.kv, prefix.length, prefix.rope_delta, [suffixes[i] for i in chunk], chunk,
+            inner, rows, lm_head, prefix.kv, prefix.length, prefix.rope_delta, [suffixes[i] for i in chunk], chunk,
             tokens, reasons, max_new_tokens, eos_token_ids, is_stopped, pad_token_id, device, timings,
         )
     return DecodeResult(tokens=tokens, finish_reasons=reasons, timings=timings)
@@ -239,12 +322,11 @@ def _positions(text_positions: torch.Tensor, rope_delta: int) -> torch.Tensor:
     return torch.cat([text_positions.unsqueeze(0), mrope], dim=0)
 
 
-def _last_hidden(inner, ids, text_positions, rope_delta: int, cache: RowCache,
+def _last_hidden(inner, rows: TextRows | None, ids, text_positions, rope_delta: int, cache: RowCache,
                  last: torch.Tensor | None = None) -> torch.Tensor:
     """Final hidden state ``[B, hidden]`` of each row's token at ``last`` (``[B]``; ``None``: one
     token per row), the rows' keys and values written to ``cache``. Qwen3-VL text layers run
-    directly (:class:`~.qwen3_vl.TextRows`); other models run their whole forward."""
-    rows = TextRows.for_model(inner)
+    directly (``rows``, the model's :class:`~.qwen3_vl.TextRows`); other models run their whole forward."""
     if rows is not None:
         return rows.last_hidden(ids, text_positions + rope_delta, cache, last)
     batch, width = ids.shape
@@ -257,7 +339,7 @@ def _last_hidden(inner, ids, text_positions, rope_delta: int, cache: RowCache,
 
 
 def _decode_chunk(
-    inner, lm_head, prefix_kv, prefix_len, rope_delta, suffixes, row_ids, tokens, reasons,
+    inner, rows, lm_head, prefix_kv, prefix_len, rope_delta, suffixes, row_ids, tokens, reasons,
     max_new_tokens, eos_token_ids, is_stopped, pad_token_id, device, timings,
 ) -> None:
     batch = len(suffixes)
@@ -271,7 +353,7 @@ def _decode_chunk(
     cache = RowCache(prefix_kv, batch, width + max_new_tokens)
     # Suffix prefill: causal within the row, pads invisible (the prefix is always visible).
     cache.mask = valid[:, None, :] & (columns[None, None, :] <= columns[None, :, None])
-    last = _last_hidden(inner, ids, prefix_len + columns[None, :].expand(batch, -1), rope_delta, cache, lengths - 1)
+    last = _last_hidden(inner, rows, ids, prefix_len + columns[None, :].expand(batch, -1), rope_delta, cache, lengths - 1)
     cache.length += width
     next_tokens = lm_head(last).argmax(dim=-1)
     t1 = _now(device)
@@ -296,13 +378,13 @@ def _decode_chunk(
         if not keep:
             break
         if len(keep) < len(active):
-            rows = torch.tensor(keep, device=device)
-            cache.keep_rows(rows)
-            next_tokens, next_pos, seen = next_tokens[rows], next_pos[rows], seen[rows]
+            kept = torch.tensor(keep, device=device)
+            cache.keep_rows(kept)
+            next_tokens, next_pos, seen = next_tokens[kept], next_pos[kept], seen[kept]
             active = [active[b] for b in keep]
         seen[:, cache.length] = True
         cache.mask = seen[:, None, : cache.length + 1]
-        last = _last_hidden(inner, next_tokens[:, None], next_pos[:, None], rope_delta, cache)
+        last = _last_hidden(inner, rows, next_tokens[:, None], next_pos[:, None], rope_delta, cache)
         cache.length += 1
         next_pos = next_pos + 1
         next_tokens = lm_head(last).argmax(dim=-1)
