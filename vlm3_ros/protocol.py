@@ -226,7 +226,7 @@ class TaskSpec:
         template = self.answers.get(qid) if qid is not None else None
         if template is None:
             raise ProtocolError(f"task {self.name!r} has no answer template {question_id!r}")
-        match = _answer_regex(template).fullmatch(text.strip())
+        match = _template_regex(template, _NUM).fullmatch(text.strip())
         if match is None:
             raise AnswerParseError(self.name, text, f"not in the answer format {template!r}")
         values = {k: float(v) for k, v in match.groupdict().items()}
@@ -271,24 +271,18 @@ class TaskSpec:
             raise ProtocolError(f"task spec is missing field {exc.args[0]!r}") from None
 
 
-@functools.lru_cache(maxsize=64)
-def _template_regex(template: str) -> re.Pattern[str]:
-    parts = []
-    for literal, name, _spec, _conv in string.Formatter().parse(template):
-        parts.append(re.escape(literal))
-        if name:
-            parts.append(rf"(?P<{name}>[-+]?\d+(?:\.\d+)?)")
-    return re.compile("".join(parts), re.DOTALL)
+#: a number in a question: coordinates as the templates write them
+_QUESTION_NUM = r"[-+]?\d+(?:\.\d+)?"
 
 
 @functools.lru_cache(maxsize=64)
-def _answer_regex(template: str) -> re.Pattern[str]:
-    """A template's literal text with each field a number (a repeated field must repeat its value)."""
+def _template_regex(template: str, number: str = _QUESTION_NUM) -> re.Pattern[str]:
+    """A template's literal text with each field a ``number`` (a repeated field must repeat its value)."""
     parts, seen = [], set()
     for literal, name, _spec, _conv in string.Formatter().parse(template):
         parts.append(re.escape(literal))
         if name:
-            parts.append(f"(?P={name})" if name in seen else rf"(?P<{name}>{_NUM})")
+            parts.append(f"(?P={name})" if name in seen else rf"(?P<{name}>{number})")
             seen.add(name)
     return re.compile("".join(parts), re.DOTALL)
 
