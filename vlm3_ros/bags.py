@@ -46,6 +46,7 @@ __all__ = [
     "TF_TOPIC",
     "TOPICS",
     "WORLD_FRAME",
+    "nearest_stamp",
     "bag_info",
     "iter_rgbd_frames",
     "pose_from_msg",
@@ -578,6 +579,16 @@ def _storage_name(path: Path) -> str:
     if ".db3" in suffixes:
         return "sqlite3"
     return "unknown"
+
+
+def nearest_stamp(stamps: np.ndarray, stamp_ns: int, tolerance_ns: int) -> Optional[int]:
+    """Index of the stamp in sorted ``stamps`` nearest to ``stamp_ns``, or None when none is within
+    ``tolerance_ns``."""
+    if len(stamps) == 0:
+        return None
+    k = int(np.searchsorted(stamps, stamp_ns))
+    best = min((i for i in (k - 1, k) if 0 <= i < len(stamps)), key=lambda i: abs(int(stamps[i]) - stamp_ns))
+    return best if abs(int(stamps[best]) - stamp_ns) <= tolerance_ns else None
 
 
 def pose_from_msg(msg: Any) -> np.ndarray:

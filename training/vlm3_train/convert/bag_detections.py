@@ -44,11 +44,8 @@ class BagDetections:
 
     def at(self, stamp_ns: int) -> Optional[List[Detection]]:
         """The detections stamped nearest to ``stamp_ns`` within the tolerance, or None."""
-        if len(self.stamps) == 0:
-            return None
-        k = int(np.searchsorted(self.stamps, stamp_ns))
-        best = min((i for i in (k - 1, k) if 0 <= i < len(self.stamps)), key=lambda i: abs(int(self.stamps[i]) - stamp_ns))
-        if abs(int(self.stamps[best]) - stamp_ns) > self.tolerance_ns:
+        best = bags.nearest_stamp(self.stamps, stamp_ns, self.tolerance_ns)
+        if best is None:
             return None
         self.used[best] = True
         return self.arrays[best]

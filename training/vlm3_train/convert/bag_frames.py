@@ -147,12 +147,8 @@ class BagFrames:
         if self.clouds is None:
             self._load_clouds()
         stamps, entries = self.clouds  # type: ignore[misc]
-        if len(stamps) == 0:
-            return None
-        k = int(np.clip(np.searchsorted(stamps, stamp_ns), 0, len(stamps) - 1))
-        cands = [i for i in (k - 1, k) if 0 <= i < len(stamps)]
-        best = min(cands, key=lambda i: abs(int(stamps[i]) - stamp_ns))
-        if abs(int(stamps[best]) - stamp_ns) > self.options.tolerance_ns:
+        best = bags.nearest_stamp(stamps, stamp_ns, self.options.tolerance_ns)
+        if best is None:
             return None
         frame_id, xyz = entries[best]
         T = self.options.lidar_extrinsic
